@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+# Serve this bundle from MONAI Label 0.8.5 (the monaibundle sample app), offline, on the loopback interface.
+#   bash docs/run_monailabel.sh                 # http://127.0.0.1:8000, model "mambaclinix"
+#   PORT=8001 STUDIES=/data/my_images bash docs/run_monailabel.sh
+# Environment: HOST (127.0.0.1), PORT (8000), NAME (mambaclinix), APP_DIR (.monailabel/app),
+# STUDIES (.monailabel/studies: the datastore; an empty one gets the MNI demo images when data/mni exists),
+# LABEL_VENV (.venv-label). See docs/monailabel.md for the 3D Slicer steps.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+HOST="${HOST:-127.0.0.1}"
+PORT="${PORT:-8000}"
+NAME="${NAME:-mambaclinix}"
+APP_DIR="${APP_DIR:-$ROOT/.monailabel/app}"
+STUDIES="${STUDIES:-$ROOT/.monailabel/studies}"
+export LABEL_VENV="${LABEL_VENV:-$ROOT/.venv-label}"
+PY="$LABEL_VENV/bin/python"
+
+bash "$ROOT/scripts/label/setup_env.sh"
+# MONAI Label lists a bundle only when models/model.pt exists: start from fresh weights when none was trained yet
+if [[ ! -f "$ROOT/models/model.pt" ]]; then
+  echo "run_monailabel: models/model.pt is missing; writing freshly initialised weights (train before trusting them)"
+  "$PY" -m scripts.label.app init-model --bundle "$ROOT"
+fi
+"$PY" -m scripts.label.app prepare --app "$APP_DIR" --bundle "$ROOT" --name "$NAME"
+seed=()
+if compgen -G "$ROOT/data/mni/images/*.nii.gz" >/dev/null; then
+  seed=(--seed-images "$ROOT"/data/mni/images/*.nii.gz)
+fi
+exec "$PY" -m scripts.label.app serve --app "$APP_DIR" --studies "$STUDIES" --name "$NAME" --host "$HOST" \
+  --port "$PORT" "${seed[@]}"

@@ -1,0 +1,99 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Plots of :mod:`scripts.benchmark` results (PNG, matplotlib's Agg backend)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["latency_plot", "make_plots", "scaling_plot"]
+
+logger = logging.getLogger(__name__)
+
+
+def _figure_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def scaling_plot(result: dict[str, Any]) -> Any | None:
+    """Log-log forward latency against the patch edge, one line per model with its fitted exponent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scaling = result.get("scaling")
+    if not scaling:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, sc in scaling["models"].items():
+        pts = sorted((int(s), p["median_s"]) for s, p in sc["points"].items() if "median_s" in p)
+        if not pts:
+            continue
+        edges, times = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+        line = ax.plot(edges, times, "o-", label=f"{name} (k = {sc['exponent']:.2f})" if sc["exponent"] else name)[0]
+        if sc["exponent"] is not None and len(pts) > 1:
+            a = np.mean(np.log(times) - sc["exponent"] * np.log(edges))
+            grid = np.linspace(edges.min(), edges.max(), 20)
+            ax.plot(grid, np.exp(a) * grid ** sc["exponent"], "--", color=line.get_color(), alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("patch edge (voxels, cubic patch)")
+    ax.set_ylabel("forward latency (s, batch 1)")
+    mach = result["machine"]
+    ax.set_title(f"Forward latency vs patch edge ({mach['device']}, {mach['threads']} threads)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def latency_plot(result: dict[str, Any], key: str = "forward") -> Any | None:
+    """Bar chart of the ``key`` (``"forward"`` or ``"train"``) median latency per model, grouped by patch edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    sizes = sorted({int(s) for m in result["models"].values() for s, e in m["sizes"].items() if "median_s" in e.get(key, {})})
+    if not sizes:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(sizes) / 2), 4))
+    width = 0.8 / len(models)
+    for i, name in enumerate(models):
+        vals = [result["models"][name]["sizes"].get(str(s), {}).get(key, {}).get("median_s", np.nan) for s in sizes]
+        ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{s}^3" for s in sizes])
+    ax.set_ylabel(f"{'forward' if key == 'forward' else 'training step'} latency (s)")
+    ax.set_yscale("log")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def make_plots(result: dict[str, Any], out_dir: str, writer: Callable[[str, bytes], None]) -> list[str]:
+    """Write ``scaling.png``, ``latency_forward.png`` and ``latency_train.png`` (those with data) with ``writer``."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for fname, make in (
+        ("scaling.png", lambda: scaling_plot(result)),
+        ("latency_forward.png", lambda: latency_plot(result, "forward")),
+        ("latency_train.png", lambda: latency_plot(result, "train")),
+    ):
+        fig = make()
+        if fig is None:
+            continue
+        path = os.path.join(out_dir, fname)
+        writer(path, _figure_bytes(fig))
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,382 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""HTTP service and web page of the Mamba-HUNet lesion segmentation.
+
+Upload a NIfTI / NRRD / DICOM volume (a ``.dcm`` file or a ``.zip`` of one series) or a greyscale PNG slice; get
+the mask (uint8 NIfTI in the input geometry, plus a PNG for PNG input) and the lesion report, and browse the image
+with the mask overlaid slice by slice. The pipeline is the bundle's own ``configs/hunet_inference.yaml`` (loaded with
+``ConfigParser``; its saving step is replaced by the service's per-request folder)::
+
+    python -m scripts.hunet.service --bundle_root . --host 127.0.0.1 --port 8008
+
+API: ``POST /api/segment`` (multipart field ``file``, or the raw bytes with ``?filename=``), ``GET
+/api/results/{id}``, ``/api/results/{id}/mask``, ``/api/results/{id}/mask.png``, ``/api/results/{id}/report``,
+``/api/results/{id}/slices/{k}/{image|mask}.png``, ``GET /api/health``. Every request works in its own folder
+``<work_dir>/<uuid>``; uploads beyond ``--max_upload_mb`` are answered with 413.
+"""
+
+
+import argparse
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+
+from scripts.hunet.report import lesion_report, write_json_atomic
+from scripts.hunet.transforms import SaveMaskd, safe_stem, save_nifti_atomic
+from scripts.hunet.uploads import UploadError, load_upload
+
+__all__ = ["HUNetSegmenter", "BodySizeLimit", "create_app", "main"]
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
+MASK_RGB = (255, 0, 0)
+
+
+class HUNetSegmenter:
+    """The bundle's inference pipeline (network, preprocessing, inferer, postprocessing) for one image at a time.
+
+    Args:
+        bundle_root: the bundle folder.
+        config_file: inference config, relative to ``bundle_root`` or absolute.
+        ckpt_path: weights (state dict, or ``{"model": state_dict}``); default ``<ckpt_dir>/<ckpt_name>`` of the config.
+        device: torch device name.
+        overrides: config values to override (e.g. a smaller ``img_size`` / ``embed_dims``).
+        allow_untrained: run with random weights when the checkpoint is missing (tests and UI demos only).
+        max_concurrent: number of inferences run at the same time; further requests wait.
+    """
+
+    def __init__(
+        self,
+        bundle_root: str | os.PathLike = ".",
+        config_file: str = "configs/hunet_inference.yaml",
+        ckpt_path: str | os.PathLike | None = None,
+        device: str = "cpu",
+        overrides: dict[str, Any] | None = None,
+        allow_untrained: bool = False,
+        max_concurrent: int = 1,
+    ) -> None:
+        root = Path(bundle_root).resolve()
+        cfg = Path(config_file) if os.path.isabs(config_file) else root / config_file
+        parser = ConfigParser()
+        parser.read_config(str(cfg))
+        parser["bundle_root"] = str(root)
+        parser["device"] = f"$torch.device('{device}')"
+        for k, v in (overrides or {}).items():
+            parser[k] = v
+        self.device = torch.device(device)
+        self.network = parser.get_parsed_content("network").to(self.device).eval()
+        ckpt = (
+            Path(ckpt_path)
+            if ckpt_path
+            else Path(parser.get_parsed_content("ckpt_dir")) / parser.get_parsed_content("ckpt_name")
+        )
+        if ckpt.is_file():
+            sd = torch.load(ckpt, map_location=self.device, weights_only=True)
+            self.network.load_state_dict(sd.get("model", sd) if isinstance(sd, dict) and "model" in sd else sd)
+            self.weights = str(ckpt)
+        elif allow_untrained:
+            logger.warning("checkpoint %s not found: serving RANDOM weights (allow_untrained)", ckpt)
+            self.weights = "untrained"
+        else:
+            raise FileNotFoundError(f"checkpoint {ckpt} not found: train the bundle first, or pass --ckpt PATH.")
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.inferer = parser.get_parsed_content("inferer")
+        post = parser.get_parsed_content("postprocessing")
+        self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveMaskd)])
+        self._slots = threading.BoundedSemaphore(max(1, int(max_concurrent)))
+
+    def __call__(self, nifti_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+        """Segment a volume file; returns the uint8 mask ``(X, Y, Z)`` on the input grid and its affine."""
+        data = self.preprocessing({"image": str(nifti_path)})
+        with self._slots, torch.inference_mode():
+            pred = self.inferer(data["image"][None].to(self.device), self.network)
+        data["pred"] = pred[0].cpu()
+        data = self.postprocessing(data)
+        out = data["pred"]
+        mask = np.rint(np.asarray(out.detach().cpu())[0]).astype(np.uint8)
+        return mask, np.asarray(out.affine, dtype=np.float64)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """ASGI middleware answering 413 for request bodies beyond ``max_bytes`` (by Content-Length or while streaming)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps({"detail": f"upload larger than the limit of {self.max_bytes} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send)
+            return
+        received, started = 0, False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+
+def _to_png(arr2d: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr2d)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _display_u8(arr: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(arr, [0.5, 99.5]) if arr.size else (0.0, 1.0)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
+
+
+def create_app(segmenter: HUNetSegmenter, work_dir: str | os.PathLike, max_upload_bytes: int = 200 * 1024**2) -> Any:
+    """The FastAPI application (wrapped in :class:`BodySizeLimit`) serving ``segmenter``."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from python_multipart import create_form_parser
+    from python_multipart.exceptions import FormParserError
+
+    work_root = Path(work_dir).resolve()
+    work_root.mkdir(parents=True, exist_ok=True)
+    app = FastAPI(title="Mamba-HUNet lesion segmentation", version="0.1.0")
+
+    def result_dir(rid: str) -> Path:
+        if not RESULT_ID.match(rid) or not (work_root / rid / "result.json").is_file():
+            raise HTTPException(404, "unknown result id")
+        return work_root / rid
+
+    async def receive_upload(request: Request, folder: Path) -> tuple[Path, str]:
+        target = folder / "upload.bin"
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            files: list = []
+            cfg = {"UPLOAD_DIR": str(folder), "MAX_MEMORY_FILE_SIZE": 1024**2, "UPLOAD_DELETE_TMP": False}
+            try:
+                parser = create_form_parser(
+                    {"Content-Type": ctype.encode("latin-1")}, lambda f: None, files.append, config=cfg
+                )
+                async for chunk in request.stream():
+                    parser.write(chunk)
+                parser.finalize()
+            except (FormParserError, ValueError) as e:
+                raise HTTPException(400, f"malformed multipart body: {e}") from e
+            if len(files) != 1:
+                raise HTTPException(400, "send exactly one file (multipart field 'file')")
+            f = files[0]
+            name = (f.file_name or b"").decode("utf-8", "replace")
+            if f.in_memory:
+                f.file_object.seek(0)
+                target.write_bytes(f.file_object.read())
+            else:
+                f.file_object.close()
+                os.replace(f.actual_file_name.decode(), target)
+        else:
+            name = request.query_params.get("filename", "")
+            with open(target, "wb") as out:
+                async for chunk in request.stream():
+                    out.write(chunk)
+        if target.stat().st_size == 0:
+            raise HTTPException(400, "empty upload")
+        return target, Path(name.replace("\\", "/")).name
+
+    def process(upload: Path, name: str, folder: Path) -> dict:
+        t0 = time.perf_counter()
+        loaded = load_upload(upload, name, folder)
+        mask, affine = segmenter(loaded.nifti_path)
+        if mask.shape != loaded.array.shape:
+            raise RuntimeError(f"mask shape {mask.shape} differs from the input {loaded.array.shape}")
+        stem = safe_stem(name or "upload")
+        save_nifti_atomic(mask, affine, folder / "mask.nii.gz")
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        report = lesion_report(mask, spacing)
+        report["source"] = name
+        write_json_atomic(report, folder / "report.json")
+        np.save(folder / "display_image.npy", _display_u8(loaded.array))
+        np.save(folder / "display_mask.npy", mask)
+        if loaded.kind == "png":
+            (folder / "mask.png").write_bytes(_to_png((mask[:, :, 0].T > 0).astype(np.uint8) * 255))
+        rid = folder.name
+        result = {
+            "id": rid,
+            "source": name,
+            "stem": stem,
+            "kind": loaded.kind,
+            "shape": list(mask.shape),
+            "num_slices": int(mask.shape[2]),
+            "display_flip": loaded.display_flip,
+            "weights": segmenter.weights,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "report": report,
+            "mask_url": f"/api/results/{rid}/mask",
+            "mask_png_url": f"/api/results/{rid}/mask.png" if loaded.kind == "png" else None,
+            "report_url": f"/api/results/{rid}/report",
+            "slice_url": f"/api/results/{rid}/slices/{{k}}/{{layer}}.png",
+        }
+        write_json_atomic(result, folder / "result.json")
+        loaded.upload_path.unlink(missing_ok=True)
+        return result
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text())
+
+    @app.get("/api/health")
+    def health() -> dict:
+        return {"status": "ok", "weights": segmenter.weights, "max_upload_bytes": max_upload_bytes}
+
+    @app.post("/api/segment")
+    async def segment(request: Request) -> JSONResponse:
+        folder = work_root / uuid.uuid4().hex
+        folder.mkdir()
+        try:
+            upload, name = await receive_upload(request, folder)
+            result = await run_in_threadpool(process, upload, name, folder)
+        except _TooLarge as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes} bytes") from e
+        except UploadError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(e.status, str(e)) from e
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return JSONResponse(result)
+
+    @app.get("/api/results/{rid}")
+    def result(rid: str) -> JSONResponse:
+        return JSONResponse(json.loads((result_dir(rid) / "result.json").read_text()))
+
+    @app.get("/api/results/{rid}/report")
+    def report(rid: str) -> JSONResponse:
+        return JSONResponse(json.loads((result_dir(rid) / "report.json").read_text()))
+
+    @app.get("/api/results/{rid}/mask")
+    def mask(rid: str) -> FileResponse:
+        folder = result_dir(rid)
+        stem = json.loads((folder / "result.json").read_text())["stem"]
+        return FileResponse(folder / "mask.nii.gz", media_type="application/gzip", filename=f"{stem}_seg.nii.gz")
+
+    @app.get("/api/results/{rid}/mask.png")
+    def mask_png(rid: str) -> FileResponse:
+        folder = result_dir(rid)
+        if not (folder / "mask.png").is_file():
+            raise HTTPException(404, "a PNG mask exists only for PNG uploads")
+        return FileResponse(folder / "mask.png", media_type="image/png")
+
+    @app.get("/api/results/{rid}/slices/{k}/{layer}.png")
+    def slice_png(rid: str, k: int, layer: str) -> Response:
+        folder = result_dir(rid)
+        if layer not in ("image", "mask"):
+            raise HTTPException(404, "layer must be 'image' or 'mask'")
+        arr = np.load(folder / f"display_{layer}.npy", mmap_mode="r")
+        if not 0 <= k < arr.shape[2]:
+            raise HTTPException(404, f"slice index out of range [0, {arr.shape[2] - 1}]")
+        plane = np.asarray(arr[:, :, k]).T
+        if json.loads((folder / "result.json").read_text())["display_flip"]:
+            plane = plane[::-1]
+        if layer == "mask":
+            plane = (plane > 0).astype(np.uint8) * 255
+        return Response(_to_png(plane), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    return BodySizeLimit(app, max_upload_bytes)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--override expects KEY=VALUE (VALUE in JSON), got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Mamba-HUNet lesion segmentation service (FastAPI + uvicorn).")
+    ap.add_argument("--bundle_root", default=".")
+    ap.add_argument("--config_file", default="configs/hunet_inference.yaml")
+    ap.add_argument("--ckpt", default=None, help="weights (default: <ckpt_dir>/<ckpt_name> of the config)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    ap.add_argument("--port", type=int, default=8008)
+    ap.add_argument(
+        "--work_dir", default=None, help="folder of the per-request folders (default <bundle_root>/runs/hunet_service)"
+    )
+    ap.add_argument("--max_upload_mb", type=float, default=200.0)
+    ap.add_argument("--max_concurrent", type=int, default=1, help="inferences run at the same time")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--override", action="append", default=[], help="config KEY=JSON_VALUE, e.g. img_size=128")
+    ap.add_argument(
+        "--allow_untrained", action="store_true", help="serve random weights when the checkpoint is missing"
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    seg = HUNetSegmenter(
+        args.bundle_root,
+        args.config_file,
+        args.ckpt,
+        args.device,
+        _parse_overrides(args.override),
+        args.allow_untrained,
+        args.max_concurrent,
+    )
+    work = args.work_dir or os.path.join(args.bundle_root, "runs", "hunet_service")
+    app = create_app(seg, work, int(args.max_upload_mb * 1024**2))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Serve this bundle from MONAI Label 0.8.5's ``monaibundle`` sample app, offline, on the loopback interface.
+
+The app is copied from the monailabel wheel (``monailabel apps --download``), the bundle is linked at
+``<app>/model/<name>``, and the server is started with the flags that keep it offline (no model-zoo index, no
+SAM2 weights). Every step is a function so the integration test and ``docs/run_monailabel.sh`` share them::
+
+    python -m scripts.label.app prepare --app .monailabel/app --bundle . --name mambaclinix
+    python -m scripts.label.app init-model --bundle .            # only when models/model.pt is missing
+    python -m scripts.label.app serve --app .monailabel/app --studies .monailabel/studies --port 8000
+
+``prepare`` and ``serve`` need the MONAI Label environment (``.venv-label``, see scripts/label/setup_env.sh);
+``copy-bundle``, ``set-plan`` and ``init-model`` need only torch, monai and pyyaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_NAME",
+    "OFFLINE_CONF",
+    "prepare_app",
+    "copy_bundle",
+    "set_plan",
+    "init_model",
+    "server_command",
+    "seed_studies",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAME = "mambaclinix"
+#: ``--conf`` pairs that keep the monaibundle app offline: without ``zoo_source`` other than monaihosting it
+#: downloads the model-zoo index at start, without ``sam2 false`` it downloads SAM2 weights.
+OFFLINE_CONF: tuple[tuple[str, str], ...] = (("zoo_source", "github"), ("sam2", "false"))
+#: the configuration files MONAI Label reads (it does not read ``.yml``).
+LABEL_CONFIGS = ("inference.yaml", "train.yaml")
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"model name {name!r} must be a plain folder name, e.g. {DEFAULT_NAME!r}.")
+
+
+def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name: str = DEFAULT_NAME,
+                link: bool = True, python: str | None = None) -> Path:
+    """Copy the ``monaibundle`` sample app out of the installed monailabel wheel (once) and put the bundle in it.
+
+    Args:
+        app_dir: the app folder to create (``<app_dir>/main.py`` after this call).
+        bundle_root: the bundle (a folder with ``configs/`` and ``scripts/``).
+        name: model name under which MONAI Label serves the bundle (``<app_dir>/model/<name>``).
+        link: link the bundle (a symlink, so training updates the bundle's own ``models/model.pt``) instead of
+            copying it.
+        python: interpreter with monailabel installed; default the current one.
+
+    Returns:
+        the bundle's path inside the app.
+
+    Raises:
+        ValueError: the bundle lacks a configuration MONAI Label reads, or the name is not a folder name.
+    """
+    _check_name(name)
+    app_dir, bundle_root = Path(app_dir).absolute(), Path(bundle_root).absolute()
+    missing = [c for c in LABEL_CONFIGS + ("metadata.json",) if not (bundle_root / "configs" / c).is_file()]
+    if missing:
+        raise ValueError(f"{bundle_root} is not a bundle MONAI Label can serve: configs/{missing} missing.")
+    if not (app_dir / "main.py").is_file():
+        tmp = app_dir.parent / f".{app_dir.name}.download"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [python or sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
+               "--output", str(tmp)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        app_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(app_dir, ignore_errors=True)
+        os.replace(tmp / "monaibundle", app_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("copied the monaibundle sample app to %s", app_dir)
+    target = app_dir / "model" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        shutil.rmtree(target)
+    if link:
+        target.symlink_to(bundle_root, target_is_directory=True)
+    else:
+        copy_bundle(bundle_root, target)
+    logger.info("bundle %s served as %r from %s", bundle_root, name, target)
+    return target
+
+
+def copy_bundle(src: str | os.PathLike, dst: str | os.PathLike, with_models: bool = False) -> Path:
+    """Copy a bundle's ``configs/`` and ``scripts/`` (and ``models/`` when asked) to ``dst``.
+
+    Caches, data, runs and evaluation outputs are left out; ``dst/models`` is always created.
+    """
+    src, dst = Path(src), Path(dst)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    dst.mkdir(parents=True, exist_ok=True)
+    for sub in ("configs", "scripts") + (("models",) if with_models else ()):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, dst / sub, ignore=ignore, dirs_exist_ok=True, symlinks=False)
+    (dst / "models").mkdir(exist_ok=True)
+    return dst
+
+
+def _no_alias_dumper():
+    import yaml
+
+    class NoAliasDumper(yaml.SafeDumper):
+        def ignore_aliases(self, data):  # repeated lists are written out, not as YAML anchors
+            return True
+
+    return NoAliasDumper
+
+
+def set_plan(bundle_root: str | os.PathLike, values: Mapping[str, object],
+             config_files: Sequence[str] = LABEL_CONFIGS) -> None:
+    """Write top-level values (plan keys such as ``patch_size``, ``features``, ``pixdim``) into the configs that
+    MONAI Label reads, since it takes no command-line overrides. Only keys a file already has are set.
+
+    Meant for a copy of the bundle (the YAML is rewritten without its comments).
+    """
+    import yaml
+
+    for name in config_files:
+        path = Path(bundle_root) / "configs" / name
+        with open(path) as f:
+            config = yaml.safe_load(f)
+        changed = [k for k in values if k in config]
+        for k in changed:
+            config[k] = values[k]
+        with open(path, "w") as f:
+            yaml.dump(config, f, Dumper=_no_alias_dumper(), sort_keys=False, default_flow_style=None, width=120)
+        logger.info("%s: set %s", path, changed)
+
+
+def init_model(bundle_root: str | os.PathLike, config_file: str = "configs/train.yaml", seed: int = 0,
+               overwrite: bool = False) -> Path:
+    """Save the weights of a freshly initialised network as ``models/model.pt`` (a plain ``state_dict``, loadable
+    with ``weights_only=True``), so MONAI Label lists the model before any training.
+
+    The network is the training config's ``network_def`` (with its deep-supervision heads, as a trained
+    ``model.pt`` has them); MONAI Label loads it non-strictly for inference.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.handlers import atomic_torch_save
+
+    bundle_root = Path(bundle_root).absolute()
+    path = bundle_root / "models" / "model.pt"
+    if path.exists() and not overwrite:
+        logger.info("%s exists; kept", path)
+        return path
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / config_file))
+    parser["bundle_root"] = str(bundle_root)
+    torch.manual_seed(seed)
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    atomic_torch_save(net.state_dict(), path)
+    logger.info("saved freshly initialised weights to %s (train the model before trusting its output)", path)
+    return path
+
+
+def seed_studies(studies: str | os.PathLike, images: Sequence[str | os.PathLike]) -> Path:
+    """Create the datastore folder and copy images into it when it holds none (so "Next Sample" has work)."""
+    studies = Path(studies)
+    studies.mkdir(parents=True, exist_ok=True)
+    exts = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm")
+    if not any(p.name.endswith(exts) for p in studies.iterdir()):
+        for img in images:
+            shutil.copy2(img, studies / Path(img).name)
+    return studies
+
+
+def server_command(app_dir: str | os.PathLike, studies: str | os.PathLike, name: str = DEFAULT_NAME,
+                   host: str = "127.0.0.1", port: int = 8000, python: str | None = None,
+                   extra_conf: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """The command line that starts MONAI Label's server with the app, offline.
+
+    ``python -m monailabel.main`` is used rather than the ``monailabel`` launcher, which puts the folder above
+    its virtual environment on ``PYTHONPATH`` (for this repository, another copy of ``scripts``).
+    """
+    _check_name(name)
+    cmd = [python or sys.executable, "-m", "monailabel.main", "start_server", "--app", str(Path(app_dir).absolute()),
+           "--studies", str(Path(studies).absolute()), "--host", host, "--port", str(int(port)),
+           "--conf", "models", name]
+    for k, v in tuple(OFFLINE_CONF) + tuple(extra_conf):
+        cmd += ["--conf", k, v]
+    return cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.label.app", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="copy the monaibundle app (once) and link the bundle into it")
+    p.add_argument("--app", required=True)
+    p.add_argument("--bundle", default=".")
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--copy", action="store_true", help="copy the bundle instead of linking it")
+    p = sub.add_parser("copy-bundle", help="copy configs/ and scripts/ of a bundle")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p = sub.add_parser("init-model", help="write models/model.pt of a freshly initialised network if missing")
+    p.add_argument("--bundle", default=".")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("serve", help="start the MONAI Label server (replaces this process)")
+    p.add_argument("--app", required=True)
+    p.add_argument("--studies", required=True)
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed-images", nargs="*", default=[], help="images copied into an empty studies folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "prepare":
+        prepare_app(args.app, args.bundle, args.name, link=not args.copy)
+    elif args.cmd == "copy-bundle":
+        copy_bundle(args.src, args.dst)
+    elif args.cmd == "init-model":
+        init_model(args.bundle, overwrite=args.overwrite)
+    elif args.cmd == "serve":
+        seed_studies(args.studies, args.seed_images)
+        cmd = server_command(args.app, args.studies, args.name, args.host, args.port)
+        logger.info("starting: %s", " ".join(cmd))
+        sys.stdout.flush()
+        os.execv(cmd[0], cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

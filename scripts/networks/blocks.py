@@ -1,0 +1,341 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Building blocks of MambaClinix: residual conv blocks, hgConv / HGCN blocks and the residual Mamba layer.
+
+Every block is ``spatial_dims``-generic (2D or 3D) and takes MONAI-style norm / activation names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.layers import DropPath
+from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.utils import get_act_layer, get_norm_layer
+
+from .mamba import Mamba
+
+__all__ = [
+    "ConvNormAct",
+    "ResidualBlock",
+    "ChannelLayerNorm",
+    "HgConv",
+    "HGCNBlock",
+    "ResidualMambaLayer",
+    "UpsampleBlock",
+    "same_padding",
+]
+
+
+def _as_tuple(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    value = tuple(int(v) for v in value)
+    if len(value) != spatial_dims:
+        raise ValueError(f"{name} must be an int or a sequence of {spatial_dims} ints, got {value}.")
+    return value
+
+
+def same_padding(kernel_size: Sequence[int]) -> tuple[int, ...]:
+    """Padding that keeps the spatial size for odd kernels (``k // 2`` per axis)."""
+    for k in kernel_size:
+        if k % 2 == 0:
+            raise ValueError(f"kernel sizes must be odd, got {tuple(kernel_size)}.")
+    return tuple(k // 2 for k in kernel_size)
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution followed by an optional normalisation and an optional activation.
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 or 3).
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: convolution kernel, an int or one value per axis (odd).
+        stride: convolution stride, an int or one value per axis.
+        norm: MONAI norm name or (name, kwargs); ``None`` for no normalisation.
+        act: MONAI activation name or (name, kwargs); ``None`` for no activation.
+        bias: whether the convolution has a bias.
+        groups: convolution groups (``in_channels`` for a depthwise convolution).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        norm: str | tuple | None = ("instance", {"affine": True}),
+        act: str | tuple | None = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        bias: bool = True,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
+        self.add_module(
+            "conv",
+            Conv[Conv.CONV, spatial_dims](
+                in_channels,
+                out_channels,
+                kernel_size=kernel,
+                stride=_as_tuple(stride, spatial_dims, "stride"),
+                padding=same_padding(kernel),
+                bias=bias,
+                groups=groups,
+            ),
+        )
+        if norm is not None:
+            self.add_module("norm", get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=out_channels))
+        if act is not None:
+            self.add_module("act", get_act_layer(name=act))
+
+
+class ResidualBlock(nn.Module):
+    """Residual block with two convolutions (nnU-Net's ``BasicBlockD``).
+
+    The first convolution carries the stride; the skip path average-pools by the stride and projects with a
+    1x1 convolution + norm when the channel count changes.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: kernel of both convolutions.
+        stride: stride of the first convolution (down-sampling).
+        norm: MONAI norm name or (name, kwargs).
+        act: MONAI activation name or (name, kwargs).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        norm: str | tuple = ("instance", {"affine": True}),
+        act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+    ) -> None:
+        super().__init__()
+        stride_t = _as_tuple(stride, spatial_dims, "stride")
+        self.conv1 = ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size, stride_t, norm, act)
+        self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, kernel_size, 1, norm, None)
+        skip: list[nn.Module] = []
+        if any(s != 1 for s in stride_t):
+            skip.append(Pool[Pool.AVG, spatial_dims](kernel_size=stride_t, stride=stride_t, ceil_mode=True))
+        if in_channels != out_channels:
+            skip.append(ConvNormAct(spatial_dims, in_channels, out_channels, 1, 1, norm, None))
+        self.skip = nn.Sequential(*skip)
+        self.act = get_act_layer(name=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.skip(x))
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a channels-first tensor ``(B, C, *spatial)``.
+
+    Args:
+        num_channels: number of channels ``C``.
+        eps: value added to the variance for numerical stability.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise over channels without transposing the (large) spatial map to channels-last
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class HgConv(nn.Module):
+    """High-order gated convolution (hgConv, paper Eqs. 4-6).
+
+    ``proj_in`` expands ``C`` to ``2C`` channels, split into a base of ``C / 2^(order-1)`` channels and the rest,
+    which a depthwise convolution filters and splits into ``order`` parts of widths ``C/2^(order-1), ..., C/2, C``.
+    The recursion ``U_{j+1} = V_j (+|*) Phi_j(U_j)`` then widens the base step by step, and ``proj_out`` mixes
+    the result.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        channels: channel count ``C`` (divisible by ``2^(order-1)``).
+        order: spatial interaction order ``n`` (>= 1).
+        kernel_size: kernel of the depthwise convolution.
+        gating: ``"add"`` combines the branches by addition, as the MambaClinix authors' code (and Eq. 6) do;
+            ``"mul"`` multiplies them, as HorNet's gnConv does.
+        scale: the factor ``gamma_f`` applied to the depthwise features.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        order: int = 2,
+        kernel_size: int | Sequence[int] = 3,
+        gating: str = "add",
+        scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if order < 1:
+            raise ValueError(f"hgConv order must be >= 1, got {order}.")
+        if channels % (2 ** (order - 1)) != 0:
+            raise ValueError(
+                f"hgConv of order {order} splits its {channels} channels by 2^{order - 1}; "
+                f"use a channel count divisible by {2 ** (order - 1)} or a lower order."
+            )
+        if gating not in ("add", "mul"):
+            raise ValueError(f"gating must be 'add' or 'mul', got {gating!r}.")
+        self.order = order
+        self.gating = gating
+        self.scale = scale
+        self.dims = [channels // 2**i for i in range(order)][::-1]
+        conv = Conv[Conv.CONV, spatial_dims]
+        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
+        self.proj_in = conv(channels, 2 * channels, kernel_size=1)
+        self.dwconv = conv(sum(self.dims), sum(self.dims), kernel, padding=same_padding(kernel), groups=sum(self.dims))
+        self.proj_out = conv(channels, channels, kernel_size=1)
+        self.pws = nn.ModuleList(conv(self.dims[i], self.dims[i + 1], kernel_size=1) for i in range(order - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.proj_in(x)
+        base, rest = torch.split(fused, (self.dims[0], sum(self.dims)), dim=1)
+        dw_list = torch.split(self.dwconv(rest) * self.scale, self.dims, dim=1)
+        mul = self.gating == "mul"
+        out = base * dw_list[0] if mul else base + dw_list[0]
+        for i, pw in enumerate(self.pws):
+            out = pw(out) * dw_list[i + 1] if mul else pw(out) + dw_list[i + 1]
+        return self.proj_out(out)
+
+
+class HGCNBlock(nn.Module):
+    """Hierarchical gated convolutional network block (paper Eqs. 1-3).
+
+    ``x' = Stem(x)`` (1x1 conv + norm + act, ``C -> C/2``); ``x' = x' + DropPath(gamma * hgConv(LN(x')))``;
+    ``out = Conv(k, act)(x')`` then ``Conv(k)``, back to ``C``; the block returns ``x + DropPath(out)``.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        channels: input and output channels ``C`` (even).
+        order: hgConv interaction order.
+        kernel_size: kernel of the depthwise and output convolutions.
+        gating: ``"add"`` (authors) or ``"mul"`` (HorNet) hgConv gating.
+        drop_path: stochastic-depth rate.
+        layer_scale_init: initial value of the layer scale ``gamma``.
+        norm: MONAI norm of the stem.
+        act: MONAI activation.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        order: int = 2,
+        kernel_size: int | Sequence[int] = 3,
+        gating: str = "add",
+        drop_path: float = 0.0,
+        layer_scale_init: float = 1e-6,
+        norm: str | tuple = ("instance", {"affine": True}),
+        act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+    ) -> None:
+        super().__init__()
+        if channels % 2 != 0:
+            raise ValueError(f"HGCN blocks halve their channels; got an odd channel count {channels}.")
+        inner = channels // 2
+        self.stem = ConvNormAct(spatial_dims, channels, inner, 1, 1, norm, act)
+        self.norm = ChannelLayerNorm(inner)
+        self.hgconv = HgConv(spatial_dims, inner, order, kernel_size, gating)
+        self.gamma = nn.Parameter(layer_scale_init * torch.ones(inner))
+        self.out_conv1 = ConvNormAct(spatial_dims, inner, channels, kernel_size, 1, None, act)
+        self.out_conv2 = ConvNormAct(spatial_dims, channels, channels, kernel_size, 1, None, None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        gamma = self.gamma.view((1, -1) + (1,) * (h.ndim - 2))
+        h = h + self.drop_path(gamma * self.hgconv(self.norm(h)))
+        return x + self.drop_path(self.out_conv2(self.out_conv1(h)))
+
+
+class ResidualMambaLayer(nn.Module):
+    """Residual Mamba layer over the flattened feature map (paper Eqs. 7-10).
+
+    ``tokens = flatten(x)``, ``y = Linear(LN(Mamba(LN(tokens))))`` with one LayerNorm used before and after
+    Mamba (as the authors' code does), and ``x + reshape(y)``. The layer runs in float32 with autocast off,
+    a documented float32 island: the selective scan is unstable in half precision.
+
+    Args:
+        channels: feature channels (Mamba ``d_model``).
+        d_state: SSM state size.
+        d_conv: width of Mamba's causal depthwise convolution.
+        expand: Mamba's expansion factor.
+        scan: ``"forward"`` scans the flattened volume once (paper); ``"bidirectional"`` adds a second Mamba
+            on the reversed sequence and averages the two.
+        scan_backend: selective-scan backend passed to :class:`Mamba` (``None`` chooses automatically).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        scan: str = "forward",
+        scan_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if scan not in ("forward", "bidirectional"):
+            raise ValueError(f"scan must be 'forward' or 'bidirectional', got {scan!r}.")
+        self.norm = nn.LayerNorm(channels)
+        self.mamba = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend)
+        self.mamba_backward = (
+            Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend)
+            if scan == "bidirectional"
+            else None
+        )
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h = x.float()
+            tokens = h.flatten(2).transpose(1, 2)  # (B, L, C)
+            normed = self.norm(tokens)
+            y = self.mamba(normed)
+            if self.mamba_backward is not None:
+                y = 0.5 * (y + self.mamba_backward(normed.flip(1)).flip(1))
+            y = self.proj(self.norm(y))
+            out = h + y.transpose(1, 2).reshape(h.shape)
+        return out.to(dtype)
+
+
+class UpsampleBlock(nn.Module):
+    """Nearest-neighbour up-sampling by a stage stride followed by a 1x1 convolution.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: input channels.
+        out_channels: output channels.
+        scale_factor: up-sampling factor per axis.
+    """
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, scale_factor: int | Sequence[int]
+    ) -> None:
+        super().__init__()
+        self.scale_factor = tuple(float(s) for s in _as_tuple(scale_factor, spatial_dims, "scale_factor"))
+        self.conv = Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(s != 1.0 for s in self.scale_factor):
+            x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
+        return self.conv(x)

@@ -1,0 +1,175 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Mamba (S6) token mixer, state-dict compatible with ``mamba_ssm.modules.mamba_simple.Mamba``.
+
+Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", https://arxiv.org/abs/2312.00752.
+Parameter names, shapes and initialisation follow mamba-ssm so that weights move both ways. On CUDA, when
+``causal_conv1d`` and mamba-ssm's ``mamba_inner_fn`` import, the fused kernel is used (``use_fast_path``);
+everywhere else a pure PyTorch path runs with :func:`scripts.networks.selective_scan.selective_scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .selective_scan import selective_scan
+
+__all__ = ["Mamba", "fused_mamba_available"]
+
+logger = logging.getLogger(__name__)
+
+_LOGGED_PATHS: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_mamba_inner_fn() -> Callable | None:
+    """mamba-ssm's fused ``mamba_inner_fn`` when it and ``causal_conv1d`` import, else ``None``."""
+    try:
+        from causal_conv1d import causal_conv1d_fn  # noqa: F401  (the fused path needs it)
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return mamba_inner_fn
+
+
+def fused_mamba_available() -> bool:
+    """Whether the fused CUDA path (causal-conv1d + mamba-ssm) can be used on this machine."""
+    return torch.cuda.is_available() and _fused_mamba_inner_fn() is not None
+
+
+def _log_path_once(path: str) -> None:
+    if path not in _LOGGED_PATHS:
+        _LOGGED_PATHS.add(path)
+        logger.info("Mamba forward uses the %s path.", path)
+
+
+class Mamba(nn.Module):
+    """Selective state-space block mapping (batch, length, d_model) to (batch, length, d_model).
+
+    Args:
+        d_model: token features.
+        d_state: state size ``N`` per channel.
+        d_conv: kernel size of the causal depthwise convolution.
+        expand: inner width ``d_inner = expand * d_model``.
+        dt_rank: rank of the time-step projection; ``"auto"`` is ``ceil(d_model / 16)``.
+        dt_min: smallest initial time step.
+        dt_max: largest initial time step.
+        dt_init: ``"random"`` (uniform) or ``"constant"`` initialisation of ``dt_proj.weight``.
+        dt_scale: scale of the ``dt_proj.weight`` initialisation.
+        dt_init_floor: lower clamp of the initial time steps.
+        conv_bias: bias of the depthwise convolution.
+        bias: bias of the input and output projections.
+        use_fast_path: use the fused CUDA kernel when available (CUDA tensors only).
+        layer_idx: layer index (kept for mamba-ssm compatibility; inference caches are not supported).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+        scan_backend: backend of the pure path's selective scan (``None``: automatic).
+
+    Raises:
+        ValueError: for non-positive sizes or an unknown ``dt_init``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        scan_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}.")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}.")
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        if self.dt_rank < 1:
+            raise ValueError(f"dt_rank must be 'auto' or a positive integer, got {dt_rank!r}.")
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory_kwargs)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1,
+            bias=conv_bias, **factory_kwargs,
+        )
+        self.activation = "silu"
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory_kwargs)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
+
+        # time-step projection: weights ~ U(+-std), bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]
+        std = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(std)
+            else:
+                self.dt_proj.weight.uniform_(-std, std)
+            log_dt = torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min))
+            dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+
+        # S4D-real initialisation A = -(1..N) per channel, stored as log; D = 1; neither takes weight decay
+        a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(a))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Mix the tokens of ``hidden_states`` (batch, length, d_model)."""
+        if not torch.jit.is_tracing() and (hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model):
+            raise ValueError(f"Mamba expects (batch, length, {self.d_model}), got {tuple(hidden_states.shape)}.")
+        length = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, length)
+        A = -torch.exp(self.A_log.float())
+        fused = _fused_mamba_inner_fn() if self.use_fast_path and xz.is_cuda else None
+        if fused is not None and not torch.jit.is_tracing():
+            _log_path_once("fused CUDA")
+            return fused(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            )
+        _log_path_once("pure PyTorch")
+        x, z = xz.chunk(2, dim=1)
+        x = self.act(self.conv1d(x)[..., :length])  # causal: keep the first `length` outputs
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, length, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes into the scan as delta_bias
+        y = selective_scan(
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
+        )
+        return self.out_proj(y.transpose(1, 2))

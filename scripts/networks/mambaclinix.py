@@ -1,0 +1,218 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""MambaClinix: a U-Net whose encoder uses HGCN blocks in the early stages and residual Mamba layers later.
+
+Bian et al., "MambaClinix: Hierarchical Gated Convolution and Mamba-Based U-Net for Enhanced 3D Medical
+Image Segmentation", https://arxiv.org/abs/2409.12533.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.networks.layers.factories import Conv
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import ChannelLayerNorm, ConvNormAct, HGCNBlock, ResidualBlock, ResidualMambaLayer, UpsampleBlock
+
+__all__ = ["MambaClinix", "default_block_types", "default_hgcn_orders"]
+
+
+def default_block_types(num_stages: int) -> list[str]:
+    """The stage layout of Eq. 11: the first ``ceil(n / 2)`` stages use HGCN, the rest residual Mamba."""
+    num_hgcn = math.ceil(num_stages / 2)
+    return ["hgcn"] * num_hgcn + ["mamba"] * (num_stages - num_hgcn)
+
+
+def default_hgcn_orders(block_types: Sequence[str], min_order: int = 2, max_order: int = 6) -> list[int]:
+    """HGCN interaction orders ``s + 2`` for stage ``s``, clipped to ``[min_order, max_order]``."""
+    return [min(max(s + 2, min_order), max_order) for s, b in enumerate(block_types) if b == "hgcn"]
+
+
+def _per_stage(value, num_stages: int, spatial_dims: int, name: str) -> list[tuple[int, ...]]:
+    """Normalise an int, a per-stage list of ints, or a per-stage list of per-axis lists."""
+    if isinstance(value, int):
+        return [(value,) * spatial_dims] * num_stages
+    value = list(value)
+    if len(value) != num_stages:
+        raise ValueError(f"{name} needs one entry per stage ({num_stages}, the length of features), got {len(value)}.")
+    out = []
+    for v in value:
+        if isinstance(v, (int, np.integer)):
+            out.append((int(v),) * spatial_dims)
+        else:
+            v = tuple(int(i) for i in v)
+            if len(v) != spatial_dims:
+                raise ValueError(f"each {name} entry must have {spatial_dims} values (one per axis), got {v}.")
+            out.append(v)
+    for v in out:
+        if any(i < 1 for i in v):
+            raise ValueError(f"{name} values must be >= 1, got {v}.")
+    return out
+
+
+class MambaClinix(nn.Module):
+    """MambaClinix segmentation network for 2D or 3D inputs.
+
+    Encoder: a stem convolution, then for every stage a residual block (strided for down-sampling) followed
+    by an HGCN block (early stages, hgConv of increasing order) or a residual Mamba layer (later stages); a
+    channels-first LayerNorm precedes the last HGCN block. Decoder: a residual block on the bottleneck, then
+    per level nearest up-sampling + 1x1 conv, a residual block on the skip, concatenation, and a residual
+    block back to the level's width, with a 1x1 segmentation head per level.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: number of input channels (e.g. 4 MRI modalities).
+        out_channels: number of output channels (classes incl. background for softmax).
+        features: channels per stage; its length is the number of stages.
+        kernel_size: an int, one int per stage, or one per-axis list per stage.
+        strides: down-sampling stride per stage (same forms as ``kernel_size``); the first is usually 1.
+        block_types: ``"hgcn"``, ``"mamba"`` or ``"res"`` (a second plain residual block) per stage; default
+            Eq. 11 (first ``ceil(n/2)`` stages HGCN, the rest Mamba).
+        hgcn_orders: interaction order of each HGCN stage; default ``s + 2`` clipped to 2..6.
+        hgcn_gating: ``"add"`` (authors' hgConv) or ``"mul"`` (HorNet's gnConv).
+        drop_path_rate: stochastic depth of the HGCN blocks rises linearly from 0 to this over the stages.
+        norm: MONAI norm name or (name, kwargs).
+        act: MONAI activation name or (name, kwargs).
+        deep_supervision: in training mode return one output per decoder level, full resolution first.
+        mamba_scan: ``"forward"`` (paper) or ``"bidirectional"`` scan of the flattened feature map.
+        d_state: Mamba state size.
+        d_conv: Mamba convolution width.
+        expand: Mamba expansion factor.
+        scan_backend: selective-scan backend (``None``: automatic; see ``scripts.networks.selective_scan``).
+        gradient_checkpointing: recompute encoder stages in backward to save memory during training.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        features: Sequence[int] = (32, 64, 128, 256, 320, 320),
+        kernel_size: int | Sequence[int] | Sequence[Sequence[int]] = 3,
+        strides: int | Sequence[int] | Sequence[Sequence[int]] = (1, 2, 2, 2, 2, 2),
+        block_types: Sequence[str] | None = None,
+        hgcn_orders: Sequence[int] | None = None,
+        hgcn_gating: str = "add",
+        drop_path_rate: float = 0.5,
+        norm: str | tuple = ("instance", {"affine": True}),
+        act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        deep_supervision: bool = False,
+        mamba_scan: str = "forward",
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        scan_backend: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels} and {out_channels}.")
+        features = [int(f) for f in features]
+        num_stages = len(features)
+        if num_stages < 2:
+            raise ValueError(f"MambaClinix needs at least 2 stages (len(features) >= 2), got {num_stages}.")
+        if any(f < 2 for f in features):
+            raise ValueError(f"features must all be >= 2, got {features}.")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+        kernels = _per_stage(kernel_size, num_stages, spatial_dims, "kernel_size")
+        stride_list = _per_stage(strides, num_stages, spatial_dims, "strides")
+        block_types = list(block_types) if block_types is not None else default_block_types(num_stages)
+        if len(block_types) != num_stages or any(b not in ("hgcn", "mamba", "res") for b in block_types):
+            raise ValueError(
+                f"block_types needs one of 'hgcn'/'mamba'/'res' per stage ({num_stages} stages), got {block_types}."
+            )
+        num_hgcn = block_types.count("hgcn")
+        hgcn_orders = list(hgcn_orders) if hgcn_orders is not None else default_hgcn_orders(block_types)
+        if len(hgcn_orders) != num_hgcn:
+            raise ValueError(f"hgcn_orders needs one order per HGCN stage ({num_hgcn}), got {hgcn_orders}.")
+
+        self.spatial_dims = spatial_dims
+        self.features = features
+        self.strides = stride_list
+        self.kernel_sizes = kernels
+        self.block_types = block_types
+        self.hgcn_orders = [int(o) for o in hgcn_orders]
+        self.deep_supervision = deep_supervision
+        self.gradient_checkpointing = gradient_checkpointing
+        # the total down-sampling per axis: inputs must be divisible by it
+        self.size_divisible = tuple(int(np.prod([s[a] for s in stride_list])) for a in range(spatial_dims))
+
+        self.stem = ConvNormAct(spatial_dims, in_channels, features[0], kernels[0], 1, norm, act)
+        drop_rates = np.linspace(0.0, drop_path_rate, num_stages).tolist()
+        last_hgcn = max((s for s, b in enumerate(block_types) if b == "hgcn"), default=-1)
+        orders = iter(self.hgcn_orders)
+        self.encoder = nn.ModuleList()
+        for s in range(num_stages):
+            in_ch = features[0] if s == 0 else features[s - 1]
+            layers: list[nn.Module] = [ResidualBlock(spatial_dims, in_ch, features[s], kernels[s], stride_list[s], norm, act)]
+            if block_types[s] == "hgcn":
+                if s == last_hgcn:
+                    layers.append(ChannelLayerNorm(features[s]))
+                layers.append(
+                    HGCNBlock(
+                        spatial_dims, features[s], next(orders), kernels[s], hgcn_gating, drop_rates[s], norm=norm, act=act
+                    )
+                )
+            elif block_types[s] == "mamba":
+                layers.append(ResidualMambaLayer(features[s], d_state, d_conv, expand, mamba_scan, scan_backend))
+            else:  # "res": a second plain residual block (the ablation baseline, U-Mamba-Bot-like layouts)
+                layers.append(ResidualBlock(spatial_dims, features[s], features[s], kernels[s], 1, norm, act))
+            self.encoder.append(nn.Sequential(*layers))
+
+        self.bottleneck = ResidualBlock(spatial_dims, features[-1], features[-1], kernels[-1], 1, norm, act)
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.up = nn.ModuleList()
+        self.skip_blocks = nn.ModuleList()
+        self.fuse_blocks = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        for s in range(num_stages - 2, -1, -1):  # decoder levels, deepest first
+            self.up.append(UpsampleBlock(spatial_dims, features[s + 1], features[s], stride_list[s + 1]))
+            self.skip_blocks.append(ResidualBlock(spatial_dims, features[s], features[s], kernels[s], 1, norm, act))
+            self.fuse_blocks.append(ResidualBlock(spatial_dims, 2 * features[s], features[s], kernels[s], 1, norm, act))
+            self.heads.append(conv(features[s], out_channels, kernel_size=1))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected a (batch, channels, *spatial) input with {self.spatial_dims} spatial dims, got shape "
+                f"{tuple(x.shape)}."
+            )
+        in_channels = self.stem.conv.in_channels
+        if x.shape[1] != in_channels:
+            raise ValueError(f"the network was built for {in_channels} input channels, got {x.shape[1]}.")
+        spatial = tuple(x.shape[2:])
+        if any(int(d) % m != 0 for d, m in zip(spatial, self.size_divisible)):
+            raise ValueError(
+                f"input spatial size {spatial} must be divisible by {self.size_divisible} (the product of the "
+                "strides per axis); pad or crop the input, e.g. with monai.transforms.DivisiblePad."
+            )
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and x.requires_grad:
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if not torch.jit.is_tracing():
+            self._check_input(x)
+        h = self.stem(x)
+        skips = []
+        for stage in self.encoder:
+            h = self._run(stage, h)
+            skips.append(h)
+        h = self.bottleneck(skips[-1])
+        outputs = []
+        for i, (up, skip_block, fuse, head) in enumerate(zip(self.up, self.skip_blocks, self.fuse_blocks, self.heads)):
+            skip = skips[-(i + 2)]
+            h = fuse(torch.cat([up(h), skip_block(skip)], dim=1))
+            outputs.append(head(h) if (self.deep_supervision and self.training) or i == len(self.heads) - 1 else None)
+        if self.deep_supervision and self.training:
+            return [o for o in outputs[::-1] if o is not None]
+        return outputs[-1]

@@ -1,0 +1,158 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Tests of the lesion report, per-case metrics and 2D transforms of the Mamba-HUNet workflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import unittest
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from parameterized import parameterized
+
+from scripts.hunet.report import case_metrics, lesion_report
+from scripts.hunet.transforms import EnsureVolumed, SaveMaskd, UnsharpMask, safe_stem
+
+
+def two_lesions() -> np.ndarray:
+    m = np.zeros((10, 10, 6), np.uint8)
+    m[1:3, 1:3, 1:3] = 1  # 8 voxels on slices 1, 2
+    m[6:9, 5:7, 4] = 1  # 6 voxels on slice 4
+    m[5, 4, 3] = 1  # touches the second lesion only through a corner (26-connectivity)
+    return m
+
+
+class TestLesionReport(unittest.TestCase):
+    @parameterized.expand([[3, 2, [7, 8]], [1, 3, [1, 6, 8]]])
+    def test_components(self, connectivity, num, sizes):
+        rep = lesion_report(two_lesions(), (0.5, 0.5, 2.0), connectivity=connectivity)
+        self.assertEqual(rep["num_lesions"], num)
+        self.assertEqual(sorted(les["num_voxels"] for les in rep["lesions"]), sizes)
+        self.assertAlmostEqual(rep["voxel_volume_ml"], 0.0005)
+        self.assertAlmostEqual(rep["total_volume_ml"], 15 * 0.0005)
+        self.assertEqual(rep["slices_involved"], [1, 2, 3, 4])
+        self.assertEqual([les["id"] for les in rep["lesions"]], list(range(1, num + 1)))
+
+    def test_largest_first_and_slices(self):
+        rep = lesion_report(two_lesions(), (1.0, 1.0, 1.0))
+        self.assertEqual(rep["lesions"][0]["slices"], [1, 2])
+        self.assertEqual(rep["lesions"][0]["bbox_min"], [1, 1, 1])
+        self.assertEqual(rep["lesions"][1]["slices"], [3, 4])
+        json.dumps(rep)
+
+    def test_empty_and_2d(self):
+        rep = lesion_report(np.zeros((4, 4, 2)), (1, 1, 1))
+        self.assertEqual((rep["num_lesions"], rep["total_volume_ml"], rep["lesions"]), (0, 0.0, []))
+        rep2 = lesion_report(np.eye(4), (2.0, 2.0))
+        self.assertEqual(rep2["num_lesions"], 1)  # diagonal pixels join through corners (connectivity 3)
+
+    @parameterized.expand(
+        [
+            [np.zeros((2, 2, 2, 2)), (1, 1, 1), 3],
+            [np.zeros((2, 2, 2)), (1, 0, 1), 3],
+            [np.zeros((2, 2, 2)), (1, 1, 1), 4],
+        ]
+    )
+    def test_bad_args(self, mask, spacing, conn):
+        with self.assertRaises(ValueError):
+            lesion_report(mask, spacing, connectivity=conn)
+
+
+class TestCaseMetrics(unittest.TestCase):
+    def test_known_counts(self):
+        label = np.zeros((1, 8, 8, 2), np.uint8)
+        label[0, 2:6, 2:6, 0] = 1  # 16
+        pred = np.zeros_like(label)
+        pred[0, 2:6, 2:4, 0] = 1  # 8 true positives
+        pred[0, 0, 0, 1] = 1  # 1 false positive
+        m = case_metrics(pred, label, spacing=(1.0, 1.0, 1.0))
+        self.assertEqual((m["tp"], m["fp"], m["fn"], m["tn"]), (8, 1, 8, 128 - 17))
+        self.assertAlmostEqual(m["iou"], 8 / 17)
+        self.assertAlmostEqual(m["dsc"], 16 / 25)
+        self.assertAlmostEqual(m["sensitivity"], 0.5)
+        self.assertAlmostEqual(m["specificity"], 111 / 112)
+        self.assertGreater(m["hd95"], 0.0)
+
+    def test_identical_and_empty(self):
+        a = np.zeros((6, 6, 3))
+        a[2:4, 2:4, 1] = 1
+        m = case_metrics(torch.as_tensor(a), a, spacing=(1, 1, 1))
+        self.assertEqual((m["iou"], m["dsc"], m["hd95"], m["sensitivity"], m["specificity"]), (1.0, 1.0, 0.0, 1.0, 1.0))
+        e = case_metrics(np.zeros_like(a), a)
+        self.assertTrue(math.isnan(e["hd95"]))
+        self.assertEqual(e["dsc"], 0.0)
+        with self.assertRaises(ValueError):
+            case_metrics(np.zeros((3, 3)), np.zeros((3, 4)))
+
+    def test_hd95_spacing(self):
+        label = np.zeros((20, 20, 1))
+        label[5:10, 5:10] = 1
+        pred = np.roll(label, 2, axis=0)
+        self.assertAlmostEqual(case_metrics(pred, label, (3.0, 1.0, 1.0))["hd95"], 6.0, places=4)
+
+
+class TestTransforms(unittest.TestCase):
+    def test_unsharp_identity_constant_and_per_slice(self):
+        vol = torch.rand(1, 12, 10, 3)
+        torch.testing.assert_close(UnsharpMask(amount=0.0)(vol), vol)
+        const = torch.full((1, 8, 8, 2), 0.3)
+        torch.testing.assert_close(UnsharpMask(sigma=2.0, amount=1.0)(const), const)
+        op = UnsharpMask(sigma=1.0, amount=0.7)
+        out = op(vol)
+        for k in range(3):
+            torch.testing.assert_close(out[..., k], op(vol[..., k]))
+        self.assertGreater(float(out.std()), float(vol.std()))  # sharpening raises the contrast of noise
+        clipped = UnsharpMask(amount=2.0, clip=(0.0, 1.0))(vol)
+        self.assertTrue(bool((clipped >= 0).all() and (clipped <= 1).all()))
+
+    def test_unsharp_keeps_meta(self):
+        img = MetaTensor(torch.rand(1, 6, 6), affine=torch.diag(torch.tensor([2.0, 3.0, 1.0])))
+        out = UnsharpMask()(img)
+        self.assertIsInstance(out, MetaTensor)
+        torch.testing.assert_close(out.affine, img.affine)
+
+    @parameterized.expand([[{"sigma": 0}], [{"amount": -1}], [{"clip": (1, 0)}]])
+    def test_unsharp_bad_args(self, kw):
+        with self.assertRaises(ValueError):
+            UnsharpMask(**kw)
+
+    def test_ensure_volume(self):
+        img = MetaTensor(torch.rand(1, 5, 4), affine=torch.tensor([[2.0, 0, 7.0], [0, 3.0, 8.0], [0, 0, 1]]))
+        out = EnsureVolumed("image")({"image": img})["image"]
+        self.assertEqual(tuple(out.shape), (1, 5, 4, 1))
+        np.testing.assert_allclose(out.affine.numpy(), [[2, 0, 0, 7], [0, 3, 0, 8], [0, 0, 1, 0], [0, 0, 0, 1]])
+        vol = torch.rand(1, 2, 2, 2)
+        self.assertIs(EnsureVolumed("image")({"image": vol})["image"], vol)
+
+    @parameterized.expand(
+        [["../../etc/passwd", "passwd"], ["a b/c?d.nii.gz", "c_d"], ["..", "case"], ["scan.dcm", "scan"]]
+    )
+    def test_safe_stem(self, name, expected):
+        self.assertEqual(safe_stem(name), expected)
+
+    def test_save_mask(self):
+        aff = np.array([[0.8, 0, 0, -3], [0, 0.9, 0, 4], [0, 0, 2.5, 1], [0, 0, 0, 1]])
+        pred = MetaTensor(torch.from_numpy(two_lesions()[None].astype(np.float32)), affine=torch.as_tensor(aff))
+        image = MetaTensor(torch.zeros(1, 10, 10, 6), meta={"filename_or_obj": "/x/../my scan.nrrd"})
+        with tempfile.TemporaryDirectory() as tmp:
+            d = SaveMaskd("pred", output_dir=tmp)({"pred": pred, "image": image})
+            self.assertEqual(Path(d["pred_file"]).name, "my_scan_seg.nii.gz")
+            out = nib.load(d["pred_file"])
+            self.assertEqual(out.get_data_dtype(), np.uint8)
+            np.testing.assert_allclose(out.affine, aff, atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(out.dataobj), two_lesions())
+            rep = json.loads(Path(d["pred_report_file"]).read_text())
+            self.assertEqual(rep["num_lesions"], 2)
+            self.assertAlmostEqual(rep["total_volume_ml"], 15 * 0.8 * 0.9 * 2.5 / 1000)
+            self.assertEqual(
+                sorted(p.name for p in Path(tmp).iterdir()), ["my_scan_seg.nii.gz", "my_scan_seg_report.json"]
+            )
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,208 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""API tests of scripts.hunet.service with FastAPI's TestClient (the bundle's own inference config, tiny sizes)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tempfile
+import threading
+import unittest
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from parameterized import parameterized
+from PIL import Image
+
+from monai.utils import optional_import
+
+TestClient, has_fastapi = optional_import("fastapi.testclient", name="TestClient")
+
+BUNDLE = Path(__file__).resolve().parents[1]
+TINY = {"img_size": 32, "embed_dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "d_state": 4, "sw_batch_size": 4}
+
+
+def make_segmenter(tmp: Path, foreground: bool = True):
+    """Tiny segmenter with weights that label every voxel as lesion (or none), saved and loaded as a checkpoint."""
+    from scripts.hunet.service import HUNetSegmenter
+    from scripts.networks.mamba_hunet import MambaHUNet
+
+    net = MambaHUNet(img_size=32, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), d_state=4)
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
+    ckpt = tmp / "tiny.pt"
+    torch.save({"model": net.state_dict()}, ckpt)
+    return HUNetSegmenter(BUNDLE, ckpt_path=ckpt, device="cpu", overrides=TINY)
+
+
+def nifti_bytes(shape=(20, 18, 4), affine=None) -> tuple[bytes, np.ndarray]:
+    affine = np.diag([0.7, 0.8, 3.0, 1.0]) if affine is None else affine
+    data = np.random.default_rng(0).random(shape).astype(np.float32)
+    img = nib.Nifti1Image(data, affine)
+    return gzip.compress(img.to_bytes()), affine
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@unittest.skipUnless(has_fastapi, "fastapi is not installed")
+class TestHUNetService(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        from scripts.hunet.service import create_app
+
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.tmp = Path(cls._tmp.name)
+        cls.work = cls.tmp / "work"
+        cls.segmenter = make_segmenter(cls.tmp)
+        cls.client = TestClient(create_app(cls.segmenter, cls.work, max_upload_bytes=300_000))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def post(self, name: str, content: bytes):
+        return self.client.post("/api/segment", files={"file": (name, content, "application/octet-stream")})
+
+    def test_page_and_health(self):
+        self.assertIn("Mamba-HUNet", self.client.get("/").text)
+        self.assertEqual(self.client.get("/api/health").json()["status"], "ok")
+
+    def test_nifti_upload(self):
+        content, affine = nifti_bytes()
+        r = self.post("../../evil name.nii.gz", content)
+        self.assertEqual(r.status_code, 200, r.text)
+        res = r.json()
+        self.assertEqual((res["kind"], res["shape"], res["num_slices"]), ("nifti", [20, 18, 4], 4))
+        self.assertEqual(res["report"]["num_lesions"], 1)
+        self.assertAlmostEqual(res["report"]["total_volume_ml"], 20 * 18 * 4 * 0.7 * 0.8 * 3.0 / 1000, places=6)
+        mask_resp = self.client.get(res["mask_url"])
+        self.assertEqual(mask_resp.status_code, 200)
+        self.assertIn("evil_name_seg.nii.gz", mask_resp.headers["content-disposition"])
+        mask = nib.Nifti1Image.from_bytes(gzip.decompress(mask_resp.content))
+        self.assertEqual((mask.shape, mask.get_data_dtype()), ((20, 18, 4), np.uint8))
+        np.testing.assert_allclose(mask.affine, affine, atol=1e-6)
+        self.assertEqual(self.client.get(res["report_url"]).json()["num_lesions"], 1)
+        sl = self.client.get(res["slice_url"].format(k=2, layer="image"))
+        self.assertEqual(sl.headers["content-type"], "image/png")
+        self.assertEqual(Image.open(io.BytesIO(sl.content)).size, (20, 18))
+        self.assertEqual(self.client.get(res["slice_url"].format(k=4, layer="mask")).status_code, 404)
+        files = sorted(p.name for p in (self.work / res["id"]).iterdir())
+        self.assertEqual(
+            files,
+            ["display_image.npy", "display_mask.npy", "input.nii.gz", "mask.nii.gz", "report.json", "result.json"],
+        )
+        self.assertEqual(sorted(p.name for p in self.work.iterdir() if not p.is_dir()), [])
+
+    def test_raw_body_upload(self):
+        content, _ = nifti_bytes(shape=(16, 16, 2))
+        r = self.client.post(
+            "/api/segment?filename=raw.nii.gz", content=content, headers={"content-type": "application/octet-stream"}
+        )
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(r.json()["shape"], [16, 16, 2])
+
+    def test_png_upload(self):
+        arr = (np.arange(30 * 20).reshape(30, 20) % 251).astype(np.uint8)
+        r = self.post("slice.png", png_bytes(arr))
+        self.assertEqual(r.status_code, 200, r.text)
+        res = r.json()
+        self.assertEqual((res["kind"], res["num_slices"]), ("png", 1))
+        png_mask = Image.open(io.BytesIO(self.client.get(res["mask_png_url"]).content))
+        self.assertEqual(png_mask.size, (20, 30))
+        self.assertEqual(np.asarray(png_mask).max(), 255)
+        shown = np.asarray(Image.open(io.BytesIO(self.client.get(res["slice_url"].format(k=0, layer="image")).content)))
+        self.assertEqual(shown.shape, (30, 20))
+        self.assertGreater(np.corrcoef(shown.ravel().astype(float), arr.ravel().astype(float))[0, 1], 0.99)
+
+    def test_grey_rgb_png_and_nrrd_and_dicom(self):
+        grey = np.tile(np.arange(24, dtype=np.uint8)[:, None, None] * 10, (1, 16, 3))
+        self.assertEqual(self.post("grey_rgb.png", png_bytes(grey)).status_code, 200)
+        import nrrd
+
+        nrrd_path = self.tmp / "v.nrrd"
+        nrrd.write(
+            str(nrrd_path),
+            np.random.default_rng(1).random((12, 10, 3)).astype(np.float32),
+            {
+                "space": "left-posterior-superior",
+                "space directions": np.diag([0.5, 0.5, 2.0]),
+                "space origin": np.zeros(3),
+            },
+        )
+        r = self.post("v.nrrd", nrrd_path.read_bytes())
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(r.json()["shape"], [12, 10, 3])
+        from pydicom.data import get_testdata_file
+
+        dcm = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+        r = self.post("mr.dcm", dcm)
+        self.assertEqual(r.status_code, 200, r.text)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("../../series/IM0001", dcm)
+        r = self.post("series.zip", buf.getvalue())
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(r.json()["kind"], "dicom_zip")
+        self.assertFalse((self.tmp / "series").exists())
+
+    @parameterized.expand(
+        [
+            ["notes.txt", b"hello, not an image", 415],
+            ["broken.nii.gz", b"\x1f\x8b" + b"\x00" * 50, 422],
+            ["broken.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, 422],
+            ["colour.png", "colour", 422],
+            ["multi.nii.gz", "multichannel", 422],
+            ["bad.zip", b"PK\x03\x04" + b"\x00" * 40, 422],
+            ["empty.nii", b"", 400],
+        ]
+    )
+    def test_bad_files(self, name, content, status):
+        if content == "colour":
+            rgb = np.zeros((8, 8, 3), np.uint8)
+            rgb[..., 0] = 200
+            content = png_bytes(rgb)
+        elif content == "multichannel":
+            content = gzip.compress(nib.Nifti1Image(np.zeros((6, 6, 3, 2), np.float32), np.eye(4)).to_bytes())
+        r = self.post(name, content)
+        self.assertEqual(r.status_code, status, r.text)
+        self.assertIn("detail", r.json())
+
+    def test_too_large(self):
+        r = self.post("big.nii", b"\x00" * 400_000)
+        self.assertEqual(r.status_code, 413)
+        r = self.client.post("/api/segment?filename=big.nii", content=iter([b"\x00" * 200_000, b"\x00" * 200_000]))
+        self.assertEqual(r.status_code, 413)
+
+    @parameterized.expand([["0" * 32], ["../../etc"], ["ABCDEF"]])
+    def test_unknown_ids(self, rid):
+        self.assertEqual(self.client.get(f"/api/results/{rid}/report").status_code, 404)
+
+    def test_concurrent_requests(self):
+        content, _ = nifti_bytes(shape=(16, 16, 3))
+        codes, ids = [], []
+
+        def worker():
+            r = self.post("c.nii.gz", content)
+            codes.append(r.status_code)
+            ids.append(r.json().get("id"))
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(codes, [200] * 4)
+        self.assertEqual(len(set(ids)), 4)
+
+
+if __name__ == "__main__":
+    unittest.main()

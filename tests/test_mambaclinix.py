@@ -1,0 +1,231 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Tests of the MambaClinix network and its blocks."""
+
+from __future__ import annotations
+
+import math
+import unittest
+
+import torch
+from parameterized import parameterized
+
+from scripts.networks import MambaClinix, default_block_types, default_hgcn_orders
+from scripts.networks.blocks import ChannelLayerNorm, HgConv, HGCNBlock, ResidualMambaLayer
+
+TINY = {"features": (8, 16, 16, 32), "strides": (1, 2, 2, 2), "drop_path_rate": 0.1}
+
+SHAPE_CASES = []
+for dims in (2, 3):
+    for (in_ch, out_ch), batch in (((1, 2), 1), ((3, 5), 2)):
+        for ds in (False, True):
+            SHAPE_CASES.append((dims, in_ch, out_ch, batch, ds))
+
+
+class TestMambaClinixShapes(unittest.TestCase):
+    @parameterized.expand(SHAPE_CASES)
+    def test_train_and_eval_shapes(self, dims, in_ch, out_ch, batch, ds):
+        torch.manual_seed(0)
+        net = MambaClinix(dims, in_ch, out_ch, deep_supervision=ds, **TINY)
+        size = (16,) * dims
+        x = torch.randn(batch, in_ch, *size)
+        net.train()
+        out = net(x)
+        if ds:
+            self.assertIsInstance(out, list)
+            self.assertEqual(len(out), len(TINY["features"]) - 1)
+            for level, o in enumerate(out):  # full resolution first, halving per level
+                self.assertEqual(tuple(o.shape), (batch, out_ch) + tuple(s // 2**level for s in size))
+            loss = sum(o.float().mean() for o in out)
+        else:
+            self.assertEqual(tuple(out.shape), (batch, out_ch) + size)
+            loss = out.mean()
+        loss.backward()
+        num_heads = len(net.heads)
+        unused = set() if ds else {f"heads.{i}." for i in range(num_heads - 1)}  # only the full-res head is used
+        for name, p in net.named_parameters():
+            if any(name.startswith(u) for u in unused):
+                self.assertIsNone(p.grad, name)
+            else:
+                self.assertTrue(p.grad is not None and torch.isfinite(p.grad).all(), name)
+        net.eval()
+        with torch.no_grad():
+            y = net(x)
+        self.assertIsInstance(y, torch.Tensor)
+        self.assertEqual(tuple(y.shape), (batch, out_ch) + size)
+
+    def test_anisotropic_plan(self):
+        net = MambaClinix(
+            3, 1, 2, features=(8, 16, 16, 32), kernel_size=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+            strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], deep_supervision=True,
+        )
+        x = torch.randn(1, 1, 8, 32, 16)
+        out = net.train()(x)
+        self.assertEqual([tuple(o.shape[2:]) for o in out], [(8, 32, 16), (8, 16, 8), (4, 8, 4)])
+        self.assertEqual(net.size_divisible, (4, 8, 8))
+
+    @parameterized.expand([("add",), ("mul",)])
+    def test_options(self, gating):
+        net = MambaClinix(
+            3, 2, 3, features=(8, 16, 16), strides=(1, 2, 2), hgcn_gating=gating, mamba_scan="bidirectional",
+            gradient_checkpointing=True, norm="batch", act="relu",
+        )
+        x = torch.randn(2, 2, 8, 8, 8, requires_grad=True)
+        net.train()(x).sum().backward()
+        self.assertIsNotNone(x.grad)
+
+    def test_checkpointing_matches(self):
+        torch.manual_seed(1)
+        a = MambaClinix(3, 1, 2, drop_path_rate=0.0, features=(8, 16, 16), strides=(1, 2, 2))
+        b = MambaClinix(3, 1, 2, drop_path_rate=0.0, features=(8, 16, 16), strides=(1, 2, 2), gradient_checkpointing=True)
+        b.load_state_dict(a.state_dict())
+        x = torch.randn(1, 1, 8, 8, 8, requires_grad=True)
+        ya = a.train()(x)
+        yb = b.train()(x)
+        torch.testing.assert_close(ya, yb)
+        ga = torch.autograd.grad(ya.sum(), list(a.parameters()), allow_unused=True)
+        gb = torch.autograd.grad(yb.sum(), list(b.parameters()), allow_unused=True)
+        for u, v in zip(ga, gb):
+            self.assertEqual(u is None, v is None)
+            if u is not None:
+                torch.testing.assert_close(u, v)
+
+
+class TestMambaClinixPaper(unittest.TestCase):
+    def test_parameter_count_paper(self):
+        """The 6-stage 3D network with 4 input and 3 output channels has the authors' 48.88 M parameters."""
+        net = MambaClinix(3, 4, 3)
+        count = sum(p.numel() for p in net.parameters())
+        self.assertLess(abs(count - 48.88e6) / 48.88e6, 0.01, count)
+        self.assertEqual(net.block_types, ["hgcn", "hgcn", "hgcn", "mamba", "mamba", "mamba"])
+        self.assertEqual(net.hgcn_orders, [2, 3, 4])
+
+    @parameterized.expand([(1, ["hgcn"], [2]), (4, ["hgcn", "hgcn", "mamba", "mamba"], [2, 3]),
+                           (5, ["hgcn", "hgcn", "hgcn", "mamba", "mamba"], [2, 3, 4]),
+                           (13, ["hgcn"] * 7 + ["mamba"] * 6, [2, 3, 4, 5, 6, 6, 6])])
+    def test_eq11_layout(self, n, types, orders):
+        self.assertEqual(default_block_types(n), types)
+        self.assertEqual(default_hgcn_orders(types), orders)
+
+    def test_layer_norm_before_last_hgcn(self):
+        net = MambaClinix(3, 1, 2)
+        kinds = [[type(m).__name__ for m in stage] for stage in net.encoder]
+        self.assertEqual(kinds[2], ["ResidualBlock", "ChannelLayerNorm", "HGCNBlock"])
+        self.assertEqual(kinds[0], ["ResidualBlock", "HGCNBlock"])
+        self.assertEqual(kinds[3], ["ResidualBlock", "ResidualMambaLayer"])
+
+
+class TestBlocks(unittest.TestCase):
+    def test_channel_layer_norm_matches_layernorm(self):
+        torch.manual_seed(0)
+        ln = ChannelLayerNorm(6)
+        torch.nn.init.normal_(ln.weight)
+        torch.nn.init.normal_(ln.bias)
+        ref = torch.nn.LayerNorm(6, eps=ln.eps)
+        ref.load_state_dict({"weight": ln.weight.detach(), "bias": ln.bias.detach()})
+        x = torch.randn(2, 6, 3, 4, 5)
+        expected = ref(x.movedim(1, -1)).movedim(-1, 1)
+        torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+
+    @parameterized.expand([(2, 1), (2, 3), (3, 2), (3, 4)])
+    def test_hgconv_recursion(self, dims, order):
+        """hgConv equals an explicit re-computation of Eqs. 4-6 (additive gating) from its own weights."""
+        torch.manual_seed(0)
+        channels = 16
+        m = HgConv(dims, channels, order)
+        x = torch.randn(2, channels, *(5,) * dims)
+        conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
+        fused = conv(x, m.proj_in.weight, m.proj_in.bias)
+        widths = [channels // 2 ** (order - 1 - j) for j in range(order)]
+        self.assertEqual(sum(widths) + widths[0], 2 * channels)
+        base, rest = fused[:, : widths[0]], fused[:, widths[0]:]
+        dw = conv(rest, m.dwconv.weight, m.dwconv.bias, padding=1, groups=rest.shape[1])
+        parts, start = [], 0
+        for w in widths:
+            parts.append(dw[:, start:start + w])
+            start += w
+        u = base + parts[0]
+        for j in range(1, order):
+            u = conv(u, m.pws[j - 1].weight, m.pws[j - 1].bias) + parts[j]
+        expected = conv(u, m.proj_out.weight, m.proj_out.bias)
+        torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=1e-5)
+
+    def test_hgcn_block_starts_as_identity_plus_conv(self):
+        """With gamma ~ 1e-6 the hgConv branch is negligible at init (layer scale)."""
+        block = HGCNBlock(3, 16, order=3).eval()
+        self.assertTrue(torch.allclose(block.gamma, torch.full_like(block.gamma, 1e-6)))
+        x = torch.randn(1, 16, 6, 6, 6)
+        self.assertEqual(block(x).shape, x.shape)
+
+    def test_mamba_layer_float32_island(self):
+        layer = ResidualMambaLayer(8)
+        x = torch.randn(1, 8, 4, 4, 4).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer.to(torch.float32)(x)
+        self.assertEqual(y.dtype, torch.bfloat16)
+        self.assertTrue(torch.isfinite(y.float()).all())
+
+    def test_bf16_autocast_network(self):
+        net = MambaClinix(3, 1, 2, **TINY)
+        x = torch.randn(1, 1, 16, 16, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net.train()(x)
+        y.float().mean().backward()
+        self.assertTrue(all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None))
+
+
+class TestExport(unittest.TestCase):
+    def test_trace(self):
+        net = MambaClinix(3, 1, 2, deep_supervision=True, **TINY).eval()
+        x = torch.randn(1, 1, 16, 16, 16)
+        with torch.no_grad():
+            traced = torch.jit.trace(net, x, check_trace=False)
+            torch.testing.assert_close(traced(x), net(x), atol=1e-4, rtol=1e-4)
+
+    def test_export(self):
+        net = MambaClinix(2, 1, 2, **TINY).eval()
+        x = torch.randn(1, 1, 16, 16)
+        program = torch.export.export(net, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+class TestIllArguments(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ({"spatial_dims": 4}, "spatial_dims"),
+            ({"features": (8,)}, "at least 2 stages"),
+            ({"strides": (1, 2)}, "one entry per stage"),
+            ({"kernel_size": [[3, 3], 3, 3, 3]}, "3 values"),
+            ({"block_types": ["hgcn", "mamba"]}, "block_types"),
+            ({"block_types": ["hgcn", "conv", "mamba", "mamba"]}, "block_types"),
+            ({"hgcn_orders": [2, 3, 4]}, "hgcn_orders"),
+            ({"hgcn_gating": "max"}, "gating"),
+            ({"features": (8, 16, 16, 30), "hgcn_orders": [2, 5]}, "divisible"),
+            ({"drop_path_rate": 1.5}, "drop_path_rate"),
+            ({"kernel_size": 4}, "odd"),
+        ]
+    )
+    def test_bad_arguments(self, kwargs, message):
+        args = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, **TINY}
+        args.update(kwargs)
+        with self.assertRaisesRegex(ValueError, message):
+            MambaClinix(**args)
+
+    def test_indivisible_input_names_the_multiple(self):
+        net = MambaClinix(3, 1, 2, **TINY)
+        with self.assertRaisesRegex(ValueError, r"divisible by \(8, 8, 8\)"):
+            net(torch.randn(1, 1, 16, 12, 16))
+
+    def test_wrong_channels(self):
+        net = MambaClinix(3, 4, 2, **TINY)
+        with self.assertRaisesRegex(ValueError, "4 input channels"):
+            net(torch.randn(1, 1, 16, 16, 16))
+
+    def test_wrong_rank(self):
+        net = MambaClinix(3, 1, 2, **TINY)
+        with self.assertRaisesRegex(ValueError, "spatial dims"):
+            net(torch.randn(1, 1, 16, 16))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,76 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Helpers shared by the tests: small generated volumes and datalists, tiny plan overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a tiny network and patch for the config workflows (seconds per step on a CPU)
+TINY_PLAN = {
+    "patch_size": [16, 16, 16],
+    "pixdim": [1.0, 1.0, 1.0],
+    "features": [8, 16, 16],
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+    "kernel_sizes": [[3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    "block_types": ["hgcn", "hgcn", "mamba"],
+    "hgcn_orders": [2, 3],
+    "num_regions": [4, 4, 4],
+    "batch_size": 2,
+    "in_channels": 1,
+    "out_channels": 3,
+    "class_names": ["inner", "outer"],
+}
+
+
+def make_case(shape=(24, 22, 20), seed=0, channels=1, spacing=(1.0, 1.0, 1.0)):
+    """An image with two nested blobs (classes 1 and 2) on a zero background, and its label."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    centre = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+    r = np.linalg.norm(grid - centre, axis=-1)
+    label = np.zeros(shape, np.uint8)
+    label[r < 7] = 2
+    label[r < 4] = 1
+    image = np.zeros((channels,) + tuple(shape), np.float32)
+    for c in range(channels):
+        image[c] = np.where(label == 1, 200.0, np.where(label == 2, 120.0, 0.0)) + rng.normal(0, 10, shape)
+        image[c][r > 9] = 0.0  # background outside the head is exactly zero (foreground cropping)
+    affine = np.diag(list(spacing) + [1.0])
+    affine[:3, 3] = rng.uniform(-20, 20, 3)
+    return image, label, affine
+
+
+def write_dataset(folder, n_train=2, n_val=1, n_test=1, shape=(24, 22, 20), channels=1):
+    """Write NIfTI cases and an MSD-style datalist.json into ``folder``; return the datalist path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    lists = {"training": [], "validation": [], "test": []}
+    seed = 0
+    for key, n in (("training", n_train), ("validation", n_val), ("test", n_test)):
+        for _ in range(n):
+            image, label, affine = make_case(shape, seed, channels)
+            img_arr = image[0] if channels == 1 else np.moveaxis(image, 0, -1)
+            nib.save(nib.Nifti1Image(img_arr, affine), str(folder / "images" / f"case{seed}.nii.gz"))
+            nib.save(nib.Nifti1Image(label, affine), str(folder / "labels" / f"case{seed}.nii.gz"))
+            lists[key].append({"image": f"images/case{seed}.nii.gz", "label": f"labels/case{seed}.nii.gz"})
+            seed += 1
+    path = folder / "datalist.json"
+    with open(path, "w") as f:
+        json.dump(lists, f)
+    return path
+
+
+def env_with_root():
+    """Environment for subprocesses: the bundle root on PYTHONPATH, few threads."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
