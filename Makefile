@@ -51,3 +51,13 @@ test: setup
 
 clean-demo:
 	rm -rf models/*.pt runs eval configs/plan.yaml
+
+# MONAI Label 0.8.5 backend (its own virtual environment .venv-label: torch 2.14.1 + torchvision, see docs/monailabel.md)
+label-server: setup
+	bash docs/run_monailabel.sh
+
+test-label: setup
+	bash scripts/label/setup_env.sh
+	test -f data/mni/images/mni_left.nii.gz || $(PY) -m scripts.demo_data --output data --which mni
+	MAMBACLINIX_LABEL_RESULTS=eval/monailabel_test.json $(PY) -m pytest -q -s -p no:warnings -p no:cacheprovider \
+		tests/test_monailabel.py tests/test_label_compat.py

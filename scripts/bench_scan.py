@@ -8,9 +8,11 @@ For each backend it measures, each case in a fresh subprocess so that peak memor
 - ``forward``: the scan under ``torch.no_grad()`` (inference);
 - ``forward_backward``: the scan with gradients for u, delta, A, B, C, D, z and delta_bias, then ``backward()``.
 
-Times are medians over ``--repeats`` runs after ``--warmup`` runs. Peak memory is the growth of the process's
-peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) during the first run, over a baseline
-taken after the inputs are allocated. The inputs follow a Mamba layer: ``A = -(1..N)``, ``delta_bias`` with
+Times are medians over ``--repeats`` runs after ``--warmup`` runs: wall clock, and the process's CPU time
+(``time.process_time``, less sensitive to other jobs on a shared machine; with several threads it sums them).
+Peak memory is the growth of the process's peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) during the first run, over a baseline taken after the inputs are
+allocated. The inputs follow a Mamba layer: ``A = -(1..N)``, ``delta_bias`` with
 softplus, ``D`` and the ``z`` gate.
 """
 
@@ -91,16 +93,18 @@ def run_case(
     peak = _peak_rss_mib() - baseline
     for _ in range(max(0, warmup - 1)):
         once()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         once()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "backend": backend,
         "mode": mode,
         "median_s": statistics.median(times) if times else first,
         "min_s": min(times) if times else first,
+        "median_cpu_s": statistics.median(cpu_times) if cpu_times else float("nan"),
         "first_run_s": first,
         "peak_mem_mib": peak,
         "repeats": repeats,
@@ -157,10 +161,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"repeats={args.repeats}, warmup={args.warmup}"
     )
     logger.info(header)
-    logger.info("%-8s %-17s %10s %10s %14s", "backend", "mode", "median_s", "min_s", "peak_mem_MiB")
+    columns = ("backend", "mode", "median_s", "min_s", "median_cpu_s", "peak_mem_MiB")
+    logger.info("%-8s %-17s %10s %10s %14s %14s", *columns)
     for r in results:
-        row = (r["backend"], r["mode"], r["median_s"], r["min_s"], r["peak_mem_mib"])
-        logger.info("%-8s %-17s %10.3f %10.3f %14.1f", *row)
+        row = (r["backend"], r["mode"], r["median_s"], r["min_s"], r["median_cpu_s"], r["peak_mem_mib"])
+        logger.info("%-8s %-17s %10.3f %10.3f %14.3f %14.1f", *row)
     by_key = {(r["backend"], r["mode"]): r for r in results}
     for mode in args.modes:
         if ("chunked", mode) in by_key and ("naive", mode) in by_key:

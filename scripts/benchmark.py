@@ -17,8 +17,8 @@ What is measured, per model and cubic patch edge:
 - ``train_s``: one training step (batch ``--train-batch``): forward, cross-entropy, backward and an SGD step
   (momentum 0.99, Nesterov, as nnU-Net).
 - ``memory``: peak memory of a forward pass and of a training step. On CPU each (model, size) runs in a fresh
-  subprocess and reports its peak resident set size (``ru_maxrss``), absolute and above the baseline after the
-  model and inputs exist; on CUDA ``torch.cuda.max_memory_allocated`` after a reset.
+  subprocess; the peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each
+  phase) is reported, absolute and above the RSS just before the phase (model, optimizer and inputs built); on CUDA ``torch.cuda.max_memory_allocated`` after a reset.
 - ``gflops_per_s``: ``flops.total / forward_s``, compared with the machine's measured dense fp32 matmul peak and
   dense 3D-convolution throughput (``peaks``), and the FLOP-proportional time ``flops.total / conv throughput``.
 - ``sliding_window_s``: :class:`monai.inferers.SlidingWindowInferer` over a ``1 x 1 x 160^3`` volume (overlap 0.5,
@@ -110,9 +110,18 @@ def _parse_name(name: str) -> tuple[str, set[str]]:
 
 
 def size_divisor(name: str) -> int:
-    """The patch edge must be a multiple of this for the model ``name``."""
+    """The patch edge must be a multiple of this for the model ``name``, and at least twice it (instance
+    normalisation needs more than one voxel at the bottleneck)."""
     base, _ = _parse_name(name)
     return {"mambaclinix_demo": 16, "segresnet": 8}.get(base, 32)
+
+
+def _edge_ok(name: str, size: int) -> bool:
+    return size % size_divisor(name) == 0 and size >= 2 * size_divisor(name)
+
+
+def _edge_reason(name: str, size: int) -> str:
+    return f"edge {size} is not a multiple of {size_divisor(name)} of at least {2 * size_divisor(name)}"
 
 
 def build_model(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Module:
@@ -312,38 +321,54 @@ def measure_peaks(device: torch.device, repeats: int = 5, matmul_n: int = 2048, 
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+def _status_mib(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in MiB from ``/proc/self/status`` (``None`` where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float:
+    """Reset the peak RSS (Linux ``clear_refs`` 5) and return the current RSS in MiB, the new baseline."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: fall back to the lifetime peak (ru_maxrss, KiB on Linux, bytes on macOS)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return _status_mib("VmRSS") or 0.0
+
+
+def _peak_rss_mib() -> float:
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _memory_case(name: str, size: int, train_batch: int, device: torch.device) -> dict[str, float]:
     """Peak memory (MiB) of a forward pass, then of a training step, in this process."""
     runner = _Runner(name, device, train_batch)
     fwd, step = runner.forward(size), runner.train_step(size)
-    if device.type == "cuda":
-        out = {}
-        for key, fn in (("forward", fwd), ("train", step)):
+    out: dict[str, float] = {}
+    for key, fn in (("forward", fwd), ("train", step)):
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
+            base = torch.cuda.memory_allocated(device) / 2**20
             fn()
             torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
-            out[f"{key}_peak_mib"] = peak / 2**20
-            out[f"{key}_delta_mib"] = (peak - base) / 2**20
-        return out
-    base = _rss_mib()
-    fwd()
-    peak_fwd = _rss_mib()
-    step()
-    peak_train = _rss_mib()
-    return {
-        "baseline_mib": base,
-        "forward_peak_mib": peak_fwd,
-        "forward_delta_mib": peak_fwd - base,
-        "train_peak_mib": peak_train,
-        "train_delta_mib": peak_train - base,
-    }
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            base = _reset_peak_rss()
+            fn()
+            peak = _peak_rss_mib()
+        out[f"{key}_baseline_mib"] = base
+        out[f"{key}_peak_mib"] = peak
+        out[f"{key}_delta_mib"] = peak - base
+    return out
 
 
 def measure_memory(name: str, size: int, train_batch: int, device: str = "cpu", threads: int = 2) -> dict[str, Any]:
@@ -391,9 +416,14 @@ def _round_robin(
             results[name] = {"skipped": f"predicted {predicted[name]:.0f} s per call > --max-call-s {max_call_s:.0f}"}
             continue
         fn = make(runner)
-        first = _timed(fn, device)[0]
-        for _ in range(max(0, warmup - 1)):
-            fn()
+        try:
+            first = _timed(fn, device)[0]
+            for _ in range(max(0, warmup - 1)):
+                fn()
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory: record it and go on with the others
+            logger.warning("%s failed: %s", name, e)
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
         if first > max_call_s:
             results[name] = {"skipped": f"first call took {first:.0f} s > --max-call-s {max_call_s:.0f}", "first_s": first}
             continue
@@ -448,6 +478,7 @@ def run_benchmark(
     max_call_s: float = 120.0,
     peaks: bool = True,
     conv_scale: float = 1.0,
+    matmul_n: int = 2048,
 ) -> dict[str, Any]:
     """Run the benchmark and return its results as a JSON-serialisable dict (see the module docstring).
 
@@ -474,6 +505,7 @@ def run_benchmark(
         max_call_s: skip a case whose single call takes (or is predicted to take) longer than this.
         peaks: measure the dense matmul peak and 3D-conv throughput.
         conv_scale: factor on the edges of the conv-throughput cases (smaller for a quick smoke test).
+        matmul_n: size of the square matmul that measures the dense peak.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -497,7 +529,7 @@ def run_benchmark(
     }
     if peaks:
         logger.info("measuring the matmul peak and conv throughput")
-        result["peaks"] = measure_peaks(dev, conv_scale=conv_scale)
+        result["peaks"] = measure_peaks(dev, matmul_n=matmul_n, conv_scale=conv_scale)
     all_names = list(dict.fromkeys(list(models) + ([s for s in scaling_models] if scaling_sizes else [])))
     runners = {name: _Runner(name, dev, train_batch) for name in all_names}
     for name, runner in runners.items():
@@ -519,8 +551,8 @@ def run_benchmark(
     def valid(names: Sequence[str], size: int) -> dict[str, _Runner]:
         chosen = {}
         for n in names:
-            if size % size_divisor(n):
-                entry(n, size)["skipped"] = f"edge {size} is not a multiple of {size_divisor(n)}"
+            if not _edge_ok(n, size):
+                entry(n, size)["skipped"] = _edge_reason(n, size)
             else:
                 chosen[n] = runners[n]
         return chosen
@@ -572,8 +604,8 @@ def run_benchmark(
         for size in sorted(scaling_sizes):
             todo = []
             for n in scaling_models:
-                if size % size_divisor(n):
-                    points[n][size] = {"skipped": f"edge {size} is not a multiple of {size_divisor(n)}"}
+                if not _edge_ok(n, size):
+                    points[n][size] = {"skipped": _edge_reason(n, size)}
                 elif "forward" in result["models"][n]["sizes"].get(str(size), {}):
                     points[n][size] = result["models"][n]["sizes"][str(size)]["forward"]
                 else:
@@ -745,8 +777,8 @@ def _readme(result: dict[str, Any], table: str, images: list[str], out_dir: str)
         "convolutions and attention only, so the selective scan's elementwise work is added analytically "
         "(mamba-ssm's reference count, 9 x batch x d_inner x d_state x length, plus the D skip, gate and softplus). "
         "GFLOP/s = total GFLOPs / forward time. 'fwd / FLOP-prop.' = forward time / (GFLOPs / measured conv "
-        "throughput). Peak memory: growth of the peak RSS over the baseline (model and inputs built) in a fresh "
-        "process on CPU, `torch.cuda.max_memory_allocated` on CUDA; the train column is the training step. "
+        "throughput). Peak memory: growth of the peak RSS (VmHWM, reset before each phase) over the RSS just before the phase (model, "
+        "optimizer and inputs built) in a fresh process on CPU, `torch.cuda.max_memory_allocated` on CUDA; the train column is the training step. "
         "Sliding window: `monai.inferers.SlidingWindowInferer` on a 1x1x160^3 volume, overlap 0.5, "
         f"roi {result.get('sliding_window', {}).get('roi', '-')}^3, sw_batch_size 1 (shown on the first patch-size row).",
         "",

@@ -1,5 +1,5 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Transforms that keep the bundle's pipelines usable from MONAI Label 0.8.5 (the ``monaibundle`` app).
+"""Transforms and handlers that keep the bundle's pipelines usable from MONAI Label 0.8.5 (the ``monaibundle`` app).
 
 MONAI Label hands the inference pre-transforms a data dictionary that carries, beside ``image``, the string
 ``image_path`` (and ``image_meta_dict``). monai 1.6's :class:`monai.transforms.Spacingd` updates every entry
@@ -21,14 +21,13 @@ server, is also an HTTP exception, so the client gets ``422`` with the message a
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
-
 import logging
+from collections.abc import Hashable, Mapping
 
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
 from monai.config import KeysCollection
+from monai.handlers import CheckpointLoader
 from monai.transforms import LoadImaged, Spacingd
 
 from scripts.data import DataError
@@ -46,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-try:  # present in a MONAI Label (FastAPI) environment only
+try:  # present where a web server (MONAI Label's FastAPI) is installed
     from starlette.exceptions import HTTPException as _HTTPException
 except ImportError:  # pragma: no cover - the bundle's own environment
     _HTTPException = None

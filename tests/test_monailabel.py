@@ -4,7 +4,8 @@ serving a copy of this bundle with a tiny plan.
 
 Needs the separate environment ``.venv-label`` (``bash scripts/label/setup_env.sh``, or ``make test-label``);
 skipped without it. Takes a few minutes on 2 CPU cores: server start, app copy, /infer, 8 concurrent /infer,
-bad inputs, and a 1-epoch /train that must rewrite ``models/model.pt``. Set ``MAMBACLINIX_LABEL_TESTS=0`` to skip.
+bad inputs, and a 1-epoch /train that must rewrite ``models/model.pt``. Set ``MAMBACLINIX_LABEL_TESTS=0`` to skip;
+the latencies are printed (``pytest -s``) and written to ``$MAMBACLINIX_LABEL_RESULTS`` when set.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def _skip_reason() -> str | None:
     if not LABEL_PY.exists() or not list(LABEL_VENV.glob("lib/python*/site-packages/monailabel/__init__.py")):
         return (f"MONAI Label environment {LABEL_VENV} is missing: create it with `bash scripts/label/setup_env.sh` "
                 "(or run `make test-label`)")
+    if not (MNI / "images" / "mni_left.nii.gz").is_file() or not (MNI / "labels" / "mni_left.nii.gz").is_file():
+        return f"MNI demo case missing under {MNI}: fetch it with `python -m scripts.demo_data --output data`"
     return None
 
 
@@ -191,12 +194,15 @@ class TestMONAILabel(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        from scripts.label.app import copy_bundle, init_model, server_command, set_plan
+        import yaml
+
+        from scripts.label.app import copy_bundle, init_model, server_command
 
         cls.tmp = tempfile.TemporaryDirectory(prefix="mambaclinix_label_")
         work = Path(cls.tmp.name)
         cls.bundle = copy_bundle(ROOT, work / "bundle")
-        set_plan(cls.bundle, TINY_PLAN)
+        # the plan is merged into the served configs by `prepare`, as a real configs/plan.yaml would be
+        (cls.bundle / "configs" / "plan.yaml").write_text(yaml.safe_dump(TINY_PLAN))
         init_model(cls.bundle)
         cls.image, cls.label = _downsampled_case(work)
         (work / "studies").mkdir()
@@ -218,6 +224,10 @@ class TestMONAILabel(unittest.TestCase):
             if cls.results:
                 logger.warning("MONAI Label measurements: %s", json.dumps(cls.results))
                 print(f"\nMONAI Label measurements: {json.dumps(cls.results)}", file=sys.stderr)
+                out = os.environ.get("MAMBACLINIX_LABEL_RESULTS")  # e.g. eval/monailabel_test.json
+                if out:
+                    Path(out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(out).write_text(json.dumps(cls.results, indent=1))
         finally:
             cls.tmp.cleanup()
 

@@ -1,9 +1,9 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """Serve this bundle from MONAI Label 0.8.5's ``monaibundle`` sample app, offline, on the loopback interface.
 
-The app is copied from the monailabel wheel (``monailabel apps --download``), the bundle is linked at
-``<app>/model/<name>``, and the server is started with the flags that keep it offline (no model-zoo index, no
-SAM2 weights). Every step is a function so the integration test and ``docs/run_monailabel.sh`` share them::
+The app is copied from the monailabel wheel (``monailabel apps --download``), the bundle is served from
+``<app>/model/<name>`` (its configs with ``configs/plan.yaml`` merged in, its scripts, models and data linked),
+and the server is started with the flags that keep it offline (no model-zoo index, no SAM2 weights). Every step is a function so the integration test and ``docs/run_monailabel.sh`` share them::
 
     python -m scripts.label.app prepare --app .monailabel/app --bundle . --name mambaclinix
     python -m scripts.label.app init-model --bundle .            # only when models/model.pt is missing
@@ -28,6 +28,8 @@ __all__ = [
     "DEFAULT_NAME",
     "OFFLINE_CONF",
     "prepare_app",
+    "resolve_plan",
+    "load_plan",
     "copy_bundle",
     "set_plan",
     "init_model",
@@ -50,29 +52,70 @@ def _check_name(name: str) -> None:
         raise ValueError(f"model name {name!r} must be a plain folder name, e.g. {DEFAULT_NAME!r}.")
 
 
+def resolve_plan(bundle_root: str | os.PathLike, plan: str | os.PathLike | None = "auto") -> Path | None:
+    """The plan file to merge: ``"auto"`` is ``<bundle>/configs/plan.yaml`` when it exists, ``None`` none."""
+    if plan is None:
+        return None
+    if str(plan) == "auto":
+        path = Path(bundle_root) / "configs" / "plan.yaml"
+        return path if path.is_file() else None
+    path = Path(plan)
+    if not path.is_file():
+        raise ValueError(f"plan file {path} does not exist; write it with `python -m scripts.plan` or pass no plan.")
+    return path
+
+
+def load_plan(plan: str | os.PathLike | None) -> dict:
+    """Top-level values of a plan YAML (``{}`` for ``None``)."""
+    if plan is None:
+        return {}
+    import yaml
+
+    with open(plan) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"plan file {plan} must hold a mapping of top-level config keys.")
+    return values
+
+
+def _replace_link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    link.symlink_to(target, target_is_directory=True)
+
+
 def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name: str = DEFAULT_NAME,
-                link: bool = True, python: str | None = None) -> Path:
-    """Copy the ``monaibundle`` sample app out of the installed monailabel wheel (once) and put the bundle in it.
+                plan: str | os.PathLike | None = "auto", python: str | None = None) -> Path:
+    """Copy the ``monaibundle`` sample app out of the installed monailabel wheel (once) and serve the bundle in it.
+
+    MONAI Label reads only ``configs/inference.yaml`` and ``configs/train.yaml`` and takes no overrides, so a plan
+    (``configs/plan.yaml`` by default, written by ``python -m scripts.plan``) must be inside them: the served
+    folder ``<app_dir>/model/<name>`` gets its own ``configs/`` (the bundle's, with the plan's top-level values
+    set) while ``scripts/``, ``models/`` and ``data/`` link to the bundle's, so training there rewrites the
+    bundle's own ``models/model.pt``. Call it again after re-planning.
 
     Args:
         app_dir: the app folder to create (``<app_dir>/main.py`` after this call).
         bundle_root: the bundle (a folder with ``configs/`` and ``scripts/``).
-        name: model name under which MONAI Label serves the bundle (``<app_dir>/model/<name>``).
-        link: link the bundle (a symlink, so training updates the bundle's own ``models/model.pt``) instead of
-            copying it.
+        name: model name under which MONAI Label serves the bundle.
+        plan: plan YAML to merge; ``"auto"``: ``<bundle_root>/configs/plan.yaml`` if it exists; ``None``: none.
         python: interpreter with monailabel installed; default the current one.
 
     Returns:
-        the bundle's path inside the app.
+        the served bundle folder inside the app.
 
     Raises:
-        ValueError: the bundle lacks a configuration MONAI Label reads, or the name is not a folder name.
+        ValueError: the bundle lacks a configuration MONAI Label reads, the name is not a folder name, or the
+            plan file is missing.
     """
     _check_name(name)
     app_dir, bundle_root = Path(app_dir).absolute(), Path(bundle_root).absolute()
     missing = [c for c in LABEL_CONFIGS + ("metadata.json",) if not (bundle_root / "configs" / c).is_file()]
     if missing:
         raise ValueError(f"{bundle_root} is not a bundle MONAI Label can serve: configs/{missing} missing.")
+    plan_path = resolve_plan(bundle_root, plan)
     if not (app_dir / "main.py").is_file():
         tmp = app_dir.parent / f".{app_dir.name}.download"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -85,16 +128,18 @@ def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name
         shutil.rmtree(tmp, ignore_errors=True)
         logger.info("copied the monaibundle sample app to %s", app_dir)
     target = app_dir / "model" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_symlink() or target.is_file():
         target.unlink()
-    elif target.is_dir():
-        shutil.rmtree(target)
-    if link:
-        target.symlink_to(bundle_root, target_is_directory=True)
-    else:
-        copy_bundle(bundle_root, target)
-    logger.info("bundle %s served as %r from %s", bundle_root, name, target)
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target / "configs", ignore_errors=True)
+    shutil.copytree(bundle_root / "configs", target / "configs", ignore=shutil.ignore_patterns("plan.yaml"))
+    if plan_path is not None:
+        set_plan(target, load_plan(plan_path))
+    (bundle_root / "models").mkdir(exist_ok=True)
+    for sub in ("scripts", "models", "data"):
+        if (bundle_root / sub).is_dir():
+            _replace_link(target / sub, bundle_root / sub)
+    logger.info("bundle %s served as %r from %s (plan: %s)", bundle_root, name, target, plan_path or "none")
     return target
 
 
@@ -145,12 +190,13 @@ def set_plan(bundle_root: str | os.PathLike, values: Mapping[str, object],
 
 
 def init_model(bundle_root: str | os.PathLike, config_file: str = "configs/train.yaml", seed: int = 0,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, plan: str | os.PathLike | None = "auto") -> Path:
     """Save the weights of a freshly initialised network as ``models/model.pt`` (a plain ``state_dict``, loadable
     with ``weights_only=True``), so MONAI Label lists the model before any training.
 
     The network is the training config's ``network_def`` (with its deep-supervision heads, as a trained
-    ``model.pt`` has them); MONAI Label loads it non-strictly for inference.
+    ``model.pt`` has them), with the plan merged (see :func:`prepare_app`); MONAI Label loads it non-strictly for
+    inference.
     """
     import torch
     from monai.bundle import ConfigParser
@@ -164,6 +210,7 @@ def init_model(bundle_root: str | os.PathLike, config_file: str = "configs/train
         return path
     parser = ConfigParser()
     parser.read_config(str(bundle_root / config_file))
+    parser.update(load_plan(resolve_plan(bundle_root, plan)))
     parser["bundle_root"] = str(bundle_root)
     torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def", instantiate=True)
@@ -203,17 +250,19 @@ def server_command(app_dir: str | os.PathLike, studies: str | os.PathLike, name:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.label.app", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="copy the monaibundle app (once) and link the bundle into it")
+    p = sub.add_parser("prepare", help="copy the monaibundle app (once) and serve the bundle (with its plan) in it")
     p.add_argument("--app", required=True)
     p.add_argument("--bundle", default=".")
     p.add_argument("--name", default=DEFAULT_NAME)
-    p.add_argument("--copy", action="store_true", help="copy the bundle instead of linking it")
+    p.add_argument("--plan", default="auto", help="plan YAML merged into the served configs (default: configs/plan.yaml if any)")
+    p.add_argument("--no-plan", action="store_true", help="serve the configs without a plan")
     p = sub.add_parser("copy-bundle", help="copy configs/ and scripts/ of a bundle")
     p.add_argument("src")
     p.add_argument("dst")
     p = sub.add_parser("init-model", help="write models/model.pt of a freshly initialised network if missing")
     p.add_argument("--bundle", default=".")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--plan", default="auto", help="plan YAML merged into train.yaml (default: configs/plan.yaml if any)")
     p = sub.add_parser("serve", help="start the MONAI Label server (replaces this process)")
     p.add_argument("--app", required=True)
     p.add_argument("--studies", required=True)
@@ -224,11 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "prepare":
-        prepare_app(args.app, args.bundle, args.name, link=not args.copy)
+        prepare_app(args.app, args.bundle, args.name, plan=None if args.no_plan else args.plan)
     elif args.cmd == "copy-bundle":
         copy_bundle(args.src, args.dst)
     elif args.cmd == "init-model":
-        init_model(args.bundle, overwrite=args.overwrite)
+        init_model(args.bundle, overwrite=args.overwrite, plan=args.plan)
     elif args.cmd == "serve":
         seed_studies(args.studies, args.seed_images)
         cmd = server_command(args.app, args.studies, args.name, args.host, args.port)

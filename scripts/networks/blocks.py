@@ -46,6 +46,24 @@ def same_padding(kernel_size: Sequence[int]) -> tuple[int, ...]:
     return tuple(k // 2 for k in kernel_size)
 
 
+def _fast_norm(layer: nn.Module) -> nn.Module:
+    """Swap an instance norm without running statistics for the identical ``GroupNorm(C, C)``.
+
+    Both normalise every channel of every sample over its spatial extent with the biased variance and have the
+    same ``weight``/``bias`` parameters (same names, same initialisation), so state dicts and outputs are the same;
+    PyTorch's CPU group-norm kernels are about 2x faster than its instance norm, which runs batch norm on a
+    reshaped copy (and 3-4x faster on ``channels_last_3d`` tensors).
+    """
+    if isinstance(layer, nn.modules.instancenorm._InstanceNorm) and not layer.track_running_stats:
+        group_norm = nn.GroupNorm(layer.num_features, layer.num_features, eps=layer.eps, affine=layer.affine)
+        if layer.affine:
+            with torch.no_grad():
+                group_norm.weight.copy_(layer.weight)
+                group_norm.bias.copy_(layer.bias)
+        return group_norm
+    return layer
+
+
 class ConvNormAct(nn.Sequential):
     """Convolution followed by an optional normalisation and an optional activation.
 
@@ -88,7 +106,7 @@ class ConvNormAct(nn.Sequential):
             ),
         )
         if norm is not None:
-            self.add_module("norm", get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=out_channels))
+            self.add_module("norm", _fast_norm(get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=out_channels)))
         if act is not None:
             self.add_module("act", get_act_layer(name=act))
 
@@ -150,12 +168,15 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise over channels without transposing the (large) spatial map to channels-last
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
+        to_last = (0, *range(2, x.ndim), 1)
+        if x.ndim > 2 and x.permute(to_last).is_contiguous():
+            # channels-last memory (e.g. channels_last_3d): the permuted view is contiguous, use the fused kernel
+            y = F.layer_norm(x.permute(to_last), (x.shape[1],), self.weight, self.bias, self.eps)
+            return y.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+        # channels-first: normalise over channels without transposing the (large) spatial map
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
+        return torch.addcmul(self.bias.view(shape), (x - mean) * torch.rsqrt(var + self.eps), self.weight.view(shape))
 
 
 class HgConv(nn.Module):
@@ -209,7 +230,8 @@ class HgConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.proj_in(x)
         base, rest = torch.split(fused, (self.dims[0], sum(self.dims)), dim=1)
-        dw_list = torch.split(self.dwconv(rest) * self.scale, self.dims, dim=1)
+        dw = self.dwconv(rest)
+        dw_list = torch.split(dw * self.scale if self.scale != 1.0 else dw, self.dims, dim=1)
         mul = self.gating == "mul"
         out = base * dw_list[0] if mul else base + dw_list[0]
         for i, pw in enumerate(self.pws):
@@ -262,7 +284,10 @@ class HGCNBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)
         gamma = self.gamma.view((1, -1) + (1,) * (h.ndim - 2))
-        h = h + self.drop_path(gamma * self.hgconv(self.norm(h)))
+        if isinstance(self.drop_path, nn.Identity):  # one fused pass for h + gamma * hgconv(...)
+            h = torch.addcmul(h, gamma, self.hgconv(self.norm(h)))
+        else:
+            h = h + self.drop_path(gamma * self.hgconv(self.norm(h)))
         return x + self.drop_path(self.out_conv2(self.out_conv1(h)))
 
 

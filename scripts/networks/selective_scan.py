@@ -234,7 +234,7 @@ def _chunked_forward(
     h = h0
     for t in range(chunk):
         h = torch.addcmul((dc[t] * uc[t]).unsqueeze(-2) * bc[t], torch.exp(dc[t].unsqueeze(-2) * a3), h)
-        y_steps[t] = torch.matmul(cc[t].transpose(-1, -2), h).squeeze(-2)
+        y_steps[t] = (h * cc[t]).sum(-2)
     return y[..., :length].reshape(b, d, length), h0, decay
 
 
@@ -296,7 +296,7 @@ def _chunked_backward(
         for t in range(chunk):
             torch.addcmul(duc[t].unsqueeze(-2) * bc[t], torch.exp(dc[t].unsqueeze(-2) * a3), h, out=states[t])
             h = states[t]
-            gc_steps[t, k0:k1] = torch.matmul(h, gyc[t].unsqueeze(-1)).squeeze(-1)
+            gc_steps[t, k0:k1] = (h * gyc[t].unsqueeze(-2)).sum(-1)
         w = r0[k0:k1]
         acc_a = torch.zeros_like(w)
         for t in range(chunk - 1, -1, -1):
@@ -304,10 +304,10 @@ def _chunked_backward(
             decay_t = torch.exp(dt * a3)
             gh = torch.addcmul(w, gyc[t].unsqueeze(-2), cc[t])
             g_da = gh * decay_t * (states[t - 1] if t > 0 else h0[k0:k1])  # gradient of delta_t * A
-            s = torch.matmul(bc[t].transpose(-1, -2), gh).squeeze(-2)  # <gh_t, B_t> per channel
+            s = (gh * bc[t]).sum(-2)  # <gh_t, B_t> per channel
             gd_steps[t, k0:k1] = torch.addcmul((g_da * a3).sum(-2), uc[t], s)
             gu_steps[t, k0:k1] = dc[t] * s
-            gb_steps[t, k0:k1] = torch.matmul(gh, duc[t].unsqueeze(-1)).squeeze(-1)
+            gb_steps[t, k0:k1] = (gh * duc[t].unsqueeze(-2)).sum(-1)
             acc_a.addcmul_(g_da, dt)
             w = decay_t * gh
         grad_a += acc_a.sum((0, 1))

@@ -1,0 +1,85 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Smoke test of scripts/benchmark.py on a toy size (the benchmark itself is run with ``python -m scripts.benchmark``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import unittest
+
+import torch
+from parameterized import parameterized
+
+from scripts.benchmark import build_model, count_flops, fit_exponent, run_benchmark, size_divisor, write_outputs
+
+
+class TestBenchmark(unittest.TestCase):
+    def test_run_and_write(self):
+        result = run_benchmark(
+            models=("mambaclinix_demo", "segresnet"), sizes=(32,), repeats=1, warmup=1, threads=1, train_sizes=(32,),
+            train_batch=1, memory=True, memory_sizes=(32,), sliding=False, scaling_sizes=(16, 32),
+            scaling_models=("segresnet",), max_call_s=60.0, conv_scale=0.25, matmul_n=256,
+        )
+        self.assertGreater(result["peaks"]["matmul_gflops"], 0)
+        self.assertGreater(result["peaks"]["conv3d_gflops"], 0)
+        for name in ("mambaclinix_demo", "segresnet"):
+            m = result["models"][name]
+            self.assertGreater(m["params"], 0)
+            e = m["sizes"]["32"]
+            self.assertGreater(e["flops"]["counted"], 0)
+            self.assertGreaterEqual(e["flops"]["total"], e["flops"]["counted"])
+            for key in ("forward", "train"):
+                self.assertGreater(e[key]["median_s"], 0)
+                self.assertGreater(e[key]["cpu_median_s"], 0)
+            self.assertGreater(e["forward"]["gflops_per_s"], 0)
+            self.assertGreater(e["forward"]["flop_proportional_s"], 0)
+            self.assertGreater(e["memory"]["train_peak_mib"], 0)
+            self.assertGreater(e["memory"]["train_delta_mib"], 0)
+        # the analytic scan count is added for the Mamba stages only
+        self.assertGreater(result["models"]["mambaclinix_demo"]["sizes"]["32"]["flops"]["scan"], 0)
+        self.assertEqual(result["models"]["segresnet"]["sizes"]["32"]["flops"]["scan"], 0)
+        scaling = result["scaling"]["models"]["segresnet"]
+        self.assertGreater(scaling["points"]["16"]["median_s"], 0)
+        self.assertIsNotNone(scaling["exponent"])
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = write_outputs(result, tmp, command="python -m scripts.benchmark --test")
+            for fname in ("results.json", "table.md", "README.md", "scaling.png"):
+                self.assertIn(os.path.join(tmp, fname), paths)
+            with open(os.path.join(tmp, "results.json")) as f:
+                self.assertEqual(json.load(f)["command"], "python -m scripts.benchmark --test")
+            with open(os.path.join(tmp, "README.md")) as f:
+                text = f.read()
+            self.assertIn("| mambaclinix_demo |", text)
+            self.assertIn(result["machine"]["torch"], text)
+            self.assertEqual([f for f in os.listdir(tmp) if f.startswith(".tmp_")], [])
+
+    def test_scan_flops_scale_with_tokens(self):
+        model = build_model("mambaclinix_demo")
+        small, large = count_flops(model, 32), count_flops(model, 64)
+        self.assertAlmostEqual(large["scan"] / small["scan"], 8.0, places=6)  # linear in the number of tokens
+        self.assertAlmostEqual(large["counted"] / small["counted"], 8.0, delta=0.2)
+
+    def test_fit_exponent(self):
+        edges = [32, 64, 128]
+        self.assertAlmostEqual(fit_exponent(edges, [2.0 * e**3 for e in edges]), 3.0, places=6)
+        self.assertIsNone(fit_exponent([32], [1.0]))
+
+    @parameterized.expand([("swinunetr+bogus",), ("nosuchnet",), ("dynunet+naive",)])
+    def test_bad_names(self, name):
+        with self.assertRaises(ValueError):
+            build_model(name)
+
+    def test_divisor(self):
+        self.assertEqual(size_divisor("mambaclinix"), 32)
+        self.assertEqual(size_divisor("mambaclinix_demo+cl"), 16)
+
+    def test_cuda_request_without_gpu(self):
+        if torch.cuda.is_available():
+            self.skipTest("a GPU is present")
+        with self.assertRaises(ValueError):
+            run_benchmark(models=("segresnet",), device="cuda")
+
+
+if __name__ == "__main__":
+    unittest.main()
