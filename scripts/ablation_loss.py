@@ -57,7 +57,7 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from .demo_data import write_json_atomic
+from .io_utils import atomic_write_json as write_json_atomic
 from .losses import MambaClinixLoss
 from .networks import MambaClinix
 from .transforms import NormalizeChannelsd

@@ -110,18 +110,18 @@ def _parse_name(name: str) -> tuple[str, set[str]]:
 
 
 def size_divisor(name: str) -> int:
-    """The patch edge must be a multiple of this for the model ``name``, and at least twice it (instance
-    normalisation needs more than one voxel at the bottleneck)."""
+    """The patch edge must be a multiple of this for the model ``name`` (models with instance normalisation also
+    need more than one voxel at the bottleneck: at the smallest edge they fail and the error is recorded)."""
     base, _ = _parse_name(name)
     return {"mambaclinix_demo": 16, "segresnet": 8}.get(base, 32)
 
 
 def _edge_ok(name: str, size: int) -> bool:
-    return size % size_divisor(name) == 0 and size >= 2 * size_divisor(name)
+    return size % size_divisor(name) == 0
 
 
 def _edge_reason(name: str, size: int) -> str:
-    return f"edge {size} is not a multiple of {size_divisor(name)} of at least {2 * size_divisor(name)}"
+    return f"edge {size} is not a multiple of {size_divisor(name)}"
 
 
 def build_model(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Module:
@@ -170,7 +170,7 @@ class _Runner:
         self.params = _num_params(self.model)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
-        self.fn: nn.Module | Callable = torch.compile(self.model) if "compile" in opts else self.model
+        self.fn: nn.Module | Callable = torch.compile(self.model, dynamic=False) if "compile" in opts else self.model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.99, nesterov=True)
         self.train_batch = train_batch
 
@@ -479,6 +479,7 @@ def run_benchmark(
     peaks: bool = True,
     conv_scale: float = 1.0,
     matmul_n: int = 2048,
+    memory_models: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the benchmark and return its results as a JSON-serialisable dict (see the module docstring).
 
@@ -506,6 +507,7 @@ def run_benchmark(
         peaks: measure the dense matmul peak and 3D-conv throughput.
         conv_scale: factor on the edges of the conv-throughput cases (smaller for a quick smoke test).
         matmul_n: size of the square matmul that measures the dense peak.
+        memory_models: extra models measured for peak memory only (e.g. ``mambaclinix+naive``).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -523,6 +525,7 @@ def run_benchmark(
             "train_sizes": list(train_sizes) if train_sizes is not None else list(sizes), "train_batch": train_batch,
             "device": str(dev), "threads": threads, "max_call_s": max_call_s, "sliding_volume": sliding_volume,
             "scaling_sizes": list(scaling_sizes), "scaling_models": list(scaling_models),
+            "memory_models": list(memory_models),
         },
         "load_average_start": list(os.getloadavg()),
         "models": {},
@@ -559,9 +562,12 @@ def run_benchmark(
 
     for size in sorted(set(sizes) | set(train_sizes)):
         chosen = valid(models, size)
-        for name, runner in chosen.items():
-            flops = count_flops(runner.model, size)
-            entry(name, size)["flops"] = flops
+        for name, runner in list(chosen.items()):
+            try:
+                entry(name, size)["flops"] = count_flops(runner.model, size)
+            except (RuntimeError, ValueError) as e:  # e.g. instance norm over a single bottleneck voxel
+                entry(name, size)["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                del chosen[name]
         if "forward" in modes and size in sizes:
             logger.info("forward latency at %d^3", size)
             for name, r in _round_robin(chosen, lambda r: r.forward(size), repeats, warmup, dev, max_call_s,
@@ -583,7 +589,12 @@ def run_benchmark(
                 if "median_s" in r:
                     last_train[name] = (size, r["median_s"])
         if memory and size in memory_sizes:
-            for name in chosen:
+            for name in memory_models:
+                result["models"].setdefault(name, {
+                    "description": MODELS[_parse_name(name)[0]] + " (peak memory only)",
+                    "params": _num_params(build_model(name)), "sizes": {},
+                })
+            for name in list(chosen) + [n for n in memory_models if n not in chosen and _edge_ok(n, size)]:
                 logger.info("peak memory of %s at %d^3", name, size)
                 entry(name, size)["memory"] = measure_memory(name, size, train_batch, str(dev), threads)
 
@@ -615,7 +626,7 @@ def run_benchmark(
                                  max_call_s, predict(last, size))
             points = {n: {**p, **({size: timed[n]} if n in timed else {})} for n, p in points.items()}
             for n in scaling_models:
-                if "median_s" in points[n][size]:
+                if "median_s" in points[n].get(size, {}):
                     last[n] = (size, points[n][size]["median_s"])
         for n, p in points.items():
             ok = [(s, r["median_s"]) for s, r in sorted(p.items()) if "median_s" in r]
@@ -697,11 +708,11 @@ def markdown_table(result: dict[str, Any]) -> str:
     ]
     for name, m in result["models"].items():
         for size, e in sorted(m["sizes"].items(), key=lambda kv: int(kv[0])):
-            if "flops" not in e:
+            if "flops" not in e and "memory" not in e:
                 continue
-            fl = e["flops"]
+            fl = e.get("flops", {"total": math.nan, "counted": math.nan, "scan": math.nan})
             fwd, tr, mem = e.get("forward", {}), e.get("train", {}), e.get("memory", {})
-            flops_s = f"{fl['total'] / 1e9:.1f} ({fl['counted'] / 1e9:.1f} + {fl['scan'] / 1e9:.2f})"
+            flops_s = "-" if math.isnan(fl["total"]) else f"{fl['total'] / 1e9:.1f} ({fl['counted'] / 1e9:.1f} + {fl['scan'] / 1e9:.2f})"
             mem_s = "-" if not mem or "error" in mem else f"{mem['forward_delta_mib']:.0f} / {mem['train_delta_mib']:.0f}"
             sw = sliding.get(name, {}).get("median_s") if size == str(result.get("settings", {}).get("sizes", [0])[0]) else None
             lines.append(
@@ -747,6 +758,41 @@ def write_outputs(result: dict[str, Any], out_dir: str, command: str | None = No
     return paths
 
 
+def _targets(result: dict[str, Any]) -> list[str]:
+    """The issue's targets, evaluated on this run's numbers where they are present."""
+    models = result["models"]
+
+    def get(name: str, size: int, *keys: str) -> Any:
+        node: Any = models.get(name, {}).get("sizes", {}).get(str(size), {})
+        for k in keys:
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        return node if isinstance(node, (int, float)) else None
+
+    lines = []
+    for size in sorted({int(s) for m in models.values() for s in m["sizes"]}):
+        mc, sw = get("mambaclinix", size, "forward", "median_s"), get("swinunetr", size, "forward", "median_s")
+        if mc and sw:
+            mc_cpu, sw_cpu = get("mambaclinix", size, "forward", "cpu_median_s"), get("swinunetr", size, "forward", "cpu_median_s")
+            lines.append(
+                f"- Forward {size}^3: MambaClinix / SwinUNETR = {mc / sw:.2f} (wall), {mc_cpu / sw_cpu:.2f} (CPU time); "
+                f"target <= 0.75: {'met' if mc / sw <= 0.75 else 'not met'}."
+            )
+        ratio = get("mambaclinix", size, "forward", "ratio_to_flop_proportional")
+        if ratio:
+            lines.append(
+                f"- Forward {size}^3: MambaClinix time / FLOP-proportional time at the measured conv throughput = "
+                f"{ratio:.2f}; target <= 1.1: {'met' if ratio <= 1.1 else 'not met'}."
+            )
+        chunked, naive = get("mambaclinix", size, "memory", "train_delta_mib"), get("mambaclinix+naive", size, "memory", "train_delta_mib")
+        if chunked and naive:
+            lines.append(
+                f"- Training-step peak memory {size}^3 (batch {result['settings']['train_batch']}): chunked scan "
+                f"{chunked:.0f} MiB vs naive per-step scan {naive:.0f} MiB = {chunked / naive:.2f}; target <= 0.5: "
+                f"{'met' if chunked / naive <= 0.5 else 'not met'}."
+            )
+    return ["## Targets", "", *lines, ""] if lines else []
+
+
 def _readme(result: dict[str, Any], table: str, images: list[str], out_dir: str) -> str:
     mach, st = result["machine"], result["settings"]
     load0, load1 = result.get("load_average_start", []), result.get("load_average_end", [])
@@ -790,6 +836,7 @@ def _readme(result: dict[str, Any], table: str, images: list[str], out_dir: str)
     ]
     if skipped:
         text += ["Skipped cases:", "", *skipped, ""]
+    text += _targets(result)
     if "scaling" in result:
         text += ["## Scaling with the patch edge (forward latency, batch 1)", "", "| model | " + " | ".join(
             f"{s}^3 (s)" for s in result["scaling"]["sizes"]) + " | exponent k (t ~ edge^k) |",
@@ -798,7 +845,7 @@ def _readme(result: dict[str, Any], table: str, images: list[str], out_dir: str)
             cells = []
             for s in result["scaling"]["sizes"]:
                 p = sc["points"].get(str(s), {})
-                cells.append(_fmt(p.get("median_s")) if "median_s" in p else f"skipped: {p.get('skipped', '-')}")
+                cells.append(_fmt(p.get("median_s")) if "median_s" in p else f"skipped: {p.get('skipped', p.get('error', '-'))}")
             text.append(f"| {n} | " + " | ".join(cells) + f" | {_fmt(sc['exponent'])} |")
         text += ["", "k is the least-squares slope of log t against log edge; 3 means time proportional to voxels.", ""]
     for img in images:
@@ -828,6 +875,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-models", nargs="*", default=None,
+                   help="extra models for peak memory only (default mambaclinix+naive)")
     p.add_argument("--no-sliding", action="store_true")
     p.add_argument("--sliding-models", nargs="+", default=None)
     p.add_argument("--sliding-volume", type=int, default=160)
@@ -872,6 +921,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         sliding=kwargs.get("sliding", not args.no_sliding), sliding_volume=args.sliding_volume,
         sliding_roi=args.sliding_roi, sliding_models=args.sliding_models, scaling_sizes=scaling,
         scaling_models=args.scaling_models, max_call_s=args.max_call_s,
+        memory_models=args.memory_models if args.memory_models is not None else ["mambaclinix+naive"],
     )
     command = "python -m scripts.benchmark" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(
         sys.argv[1:] if argv is None else argv))

@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -32,7 +31,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["fetch_mni", "fetch_pyradiomics", "make_mni_hemispheres", "write_json_atomic", "main"]
+from scripts.io_utils import atomic_write_json
+
+__all__ = ["fetch_mni", "fetch_pyradiomics", "make_mni_hemispheres", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +45,6 @@ MNI_FILES = {
     "wm": "nilearn/datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 PYRADIOMICS_CASES = ("brain1", "brain2", "lung1", "lung2", "breast1")
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _pip_download(requirement: str, dest: str, *extra: str) -> Path:
@@ -137,7 +122,7 @@ def make_mni_hemispheres(paths: dict[str, Path], out_dir: str | os.PathLike) -> 
         "test": [{"image": "images/mni_right_anterior.nii.gz", "label": "labels/mni_right_anterior.nii.gz"}],
     }
     path = out_dir / "datalist.json"
-    write_json_atomic(datalist, path)
+    atomic_write_json(datalist, path)
     return path
 
 
@@ -162,7 +147,7 @@ def fetch_pyradiomics(out_dir: str | os.PathLike) -> Path:
         "lung": ("lung1", "lung2", "CT"),
     }
     for kind, (train, test, modality) in pairs.items():
-        write_json_atomic(
+        atomic_write_json(
             {
                 "description": f"pyradiomics {kind} lesion cases: train on {train}, evaluate on {test}",
                 "labels": {"0": "background", "1": "lesion"},

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,39 +15,11 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.metrics import compute_confusion_matrix_metric
 
-__all__ = ["BestModelSaver", "LatestCheckpoint", "TrainingCurves", "MetricsJSONWriter", "atomic_torch_save", "atomic_write_text"]
+from .io_utils import atomic_path, atomic_torch_save, atomic_write_text
+
+__all__ = ["BestModelSaver", "LatestCheckpoint", "TrainingCurves", "MetricsJSONWriter"]
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write text to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file and a rename: an interrupted save leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class LatestCheckpoint:
@@ -243,11 +214,9 @@ class TrainingCurves:
         ax1.set_title("MambaClinix training")
         fig.tight_layout()
         path = self.output_dir / "training_curves.png"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / ".training_curves.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, path)
         logger.info("wrote %s", path)
         return path
 

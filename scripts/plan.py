@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from scripts.planning import DEFAULT_GPU_MEMORY_GB, extract_fingerprint, plan_experiment
+from scripts.io_utils import atomic_write_text
 
 __all__ = ["main", "write_plan"]
 
@@ -47,18 +46,8 @@ def write_plan(plan: dict[str, Any], output: str) -> None:
         plan: the dict of :func:`scripts.planning.plan_experiment`.
         output: YAML path; its folder is created if needed.
     """
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plan_", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("# Written by `python -m scripts.plan`: overrides the top-level keys of configs/train.yaml.\n")
-            yaml.dump(plan, f, Dumper=_PlanDumper, sort_keys=False, width=120)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    header = "# Written by `python -m scripts.plan`: overrides the top-level keys of configs/train.yaml.\n"
+    atomic_write_text(header + yaml.dump(plan, Dumper=_PlanDumper, sort_keys=False, width=120), output)
 
 
 def _parser() -> argparse.ArgumentParser:

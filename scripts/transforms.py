@@ -15,6 +15,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform, SaveImaged
 
+from .io_utils import atomic_path
+
 __all__ = [
     "NormalizeChannelsd",
     "SelectFullResolutiond",
@@ -157,20 +159,14 @@ class AtomicSaveSegmentationd(SaveImaged):
                 if stem.endswith(ext):
                     stem = stem[: -len(ext)]
                     break
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             final = self.out_dir / f"{stem}_{self.postfix}.nii.gz"
-            tmp = self.out_dir / f".{stem}_{self.postfix}.{os.getpid()}.tmp.nii.gz"
             arr = torch.as_tensor(img).detach().cpu()
             writer = NibabelWriter(output_dtype=self.dtype)
             writer.set_data_array(arr, channel_dim=0 if arr.ndim == 4 or arr.shape[0] == 1 else None)
             affine = img.affine if isinstance(img, MetaTensor) else None
             writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-            try:
+            with atomic_path(final) as tmp:
                 writer.write(str(tmp), verbose=False)
-                os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
             logger.info("saved %s", final)
             d[f"{key}_path"] = str(final)
         return d

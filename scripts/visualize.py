@@ -13,6 +13,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from .io_utils import atomic_path
+
 __all__ = ["save_overlay", "SaveOverlayd"]
 
 logger = logging.getLogger(__name__)
@@ -55,11 +57,9 @@ def save_overlay(image: np.ndarray, label: np.ndarray, path: str | os.PathLike, 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

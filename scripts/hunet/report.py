@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from monai.utils import optional_import
 from scipy import ndimage
+from scripts.io_utils import atomic_write_text
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -35,19 +35,8 @@ METRICS = ("iou", "hd95", "dsc", "sensitivity", "specificity")
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    atomic_write_text(text, path)
+    return Path(path)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from scripts.hunet.report import lesion_report, write_json_atomic
+from scripts.io_utils import atomic_path
 
 __all__ = [
     "UnsharpMask",
@@ -156,22 +156,12 @@ def safe_stem(name: str | os.PathLike, default: str = "case") -> str:
 
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Write ``array`` as NIfTI (dtype kept) with ``affine`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-        img.set_qform(img.affine, code=1)
-        img.set_sform(img.affine, code=1)
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
 
 
 class SaveMaskd(MapTransform):

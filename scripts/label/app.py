@@ -201,7 +201,7 @@ def init_model(bundle_root: str | os.PathLike, config_file: str = "configs/train
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.handlers import atomic_torch_save
+    from scripts.io_utils import atomic_torch_save
 
     bundle_root = Path(bundle_root).absolute()
     path = bundle_root / "models" / "model.pt"

@@ -1,0 +1,191 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Datalist checks (bad input stops with the file and the fix), intensity normalisation, mirroring TTA,
+atomic outputs and the resumable-checkpoint handler."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import unittest
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from parameterized import parameterized
+
+from scripts.data import DataError, check_case, load_datalist, validate_datalist
+from scripts.inferers import MirroringSlidingWindowInferer
+from scripts.io_utils import atomic_path, atomic_torch_save
+from scripts.transforms import AtomicSaveSegmentationd, NormalizeChannelsd, SelectFullResolutiond
+from tests.utils import make_case
+
+
+class TestDatalistChecks(unittest.TestCase):
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp())
+        image, label, affine = make_case((10, 9, 8))
+        self.affine = affine
+        self.image = self._save("img.nii.gz", image[0])
+        self.label = self._save("lab.nii.gz", label)
+
+    def _save(self, name, arr):
+        path = self.tmp / name
+        nib.save(nib.Nifti1Image(arr, self.affine), str(path))
+        return str(path)
+
+    def test_good_case(self):
+        self.assertEqual(check_case({"image": self.image, "label": self.label}, 1, 3), (10, 9, 8))
+        items = validate_datalist([{"image": self.image, "label": self.label}], 1, 3)
+        self.assertEqual(len(items), 1)
+
+    def test_multichannel_list_of_files(self):
+        second = self._save("img2.nii.gz", np.ones((10, 9, 8), np.float32))
+        self.assertEqual(check_case({"image": [self.image, second], "label": self.label}, 2, 3), (10, 9, 8))
+
+    def _assert_error(self, item, fragments, in_channels=1, num_classes=3):
+        with self.assertRaises(DataError) as ctx:
+            check_case(item, in_channels, num_classes)
+        for f in fragments:
+            self.assertIn(f, str(ctx.exception))
+
+    def test_missing_file(self):
+        self._assert_error({"image": str(self.tmp / "nope.nii.gz"), "label": self.label}, ["nope.nii.gz", "does not exist"])
+
+    def test_corrupt_file(self):
+        bad = self.tmp / "bad.nii.gz"
+        bad.write_bytes(b"\x1f\x8b not really gzip")
+        self._assert_error({"image": str(bad), "label": self.label}, ["bad.nii.gz", "could not be read"])
+
+    def test_wrong_channel_count(self):
+        self._assert_error({"image": self.image, "label": self.label}, ["img.nii.gz", "expects 4"], in_channels=4)
+
+    def test_label_shape(self):
+        other = self._save("small.nii.gz", np.zeros((5, 9, 8), np.uint8))
+        self._assert_error({"image": self.image, "label": other}, ["small.nii.gz", "(5, 9, 8)", "(10, 9, 8)"])
+
+    def test_label_out_of_range(self):
+        other = self._save("big.nii.gz", np.full((10, 9, 8), 7, np.uint8))
+        self._assert_error({"image": self.image, "label": other}, ["big.nii.gz", "class 7", "3 classes"])
+
+    def test_label_not_integer(self):
+        other = self._save("frac.nii.gz", np.full((10, 9, 8), 0.5, np.float32))
+        self._assert_error({"image": self.image, "label": other}, ["frac.nii.gz", "integer"])
+
+    def test_nan_image(self):
+        arr = np.ones((10, 9, 8), np.float32)
+        arr[1, 2, 3] = np.nan
+        nan = self._save("nan.nii.gz", arr)
+        self._assert_error({"image": nan, "label": self.label}, ["nan.nii.gz", "NaN"])
+
+    def test_empty_and_missing_datalist(self):
+        with self.assertRaisesRegex(DataError, "empty"):
+            validate_datalist([], 1, 3)
+        with self.assertRaisesRegex(DataError, "does not exist"):
+            load_datalist(self.tmp / "missing.json", self.tmp)
+        broken = self.tmp / "broken.json"
+        broken.write_text("{not json")
+        with self.assertRaisesRegex(DataError, "not valid JSON"):
+            load_datalist(broken, self.tmp)
+
+    def test_load_datalist_relative_paths(self):
+        path = self.tmp / "dl.json"
+        path.write_text(json.dumps({"training": [{"image": "img.nii.gz", "label": "lab.nii.gz"}]}))
+        items = load_datalist(path, self.tmp, "training")
+        self.assertEqual(items[0]["image"], str(self.tmp / "img.nii.gz"))
+        self.assertEqual(load_datalist(path, self.tmp, "test"), [])
+
+
+class TestNormalizeChannels(unittest.TestCase):
+    def test_ct_and_zscore_per_channel(self):
+        rng = np.random.default_rng(0)
+        img = torch.as_tensor(rng.normal(50, 20, (2, 6, 6, 6)).astype(np.float32))
+        out = NormalizeChannelsd("image", ["ct", "zscore"], [[0.0, 80.0, 40.0, 10.0], None])({"image": img})["image"]
+        expected_ct = (img[0].clamp(0, 80) - 40) / 10
+        torch.testing.assert_close(out[0], expected_ct)
+        self.assertAlmostEqual(float(out[1].mean()), 0.0, places=5)
+        self.assertAlmostEqual(float(out[1].std()), 1.0, places=5)
+
+    def test_nonzero_zscore_keeps_background(self):
+        img = torch.zeros(1, 4, 4, 4)
+        img[0, 1:3, 1:3, 1:3] = torch.tensor([1.0, 3.0]).repeat(4)[:8].view(2, 2, 2)
+        out = NormalizeChannelsd("image", "zscore", nonzero=True)({"image": img})["image"]
+        self.assertTrue(bool((out[img == 0] == 0).all()))
+        self.assertAlmostEqual(float(out[img != 0].mean()), 0.0, places=5)
+
+    def test_errors(self):
+        meta = MetaTensor(torch.ones(3, 4, 4, 4), meta={"filename_or_obj": "three.nii.gz"})
+        with self.assertRaisesRegex(ValueError, "three.nii.gz.*3 channels"):
+            NormalizeChannelsd("image", ["zscore", "zscore"])({"image": meta})
+        bad = torch.ones(1, 4, 4, 4)
+        bad[0, 0, 0, 0] = float("nan")
+        with self.assertRaisesRegex(ValueError, "NaN"):
+            NormalizeChannelsd("image", "zscore")({"image": bad})
+        with self.assertRaisesRegex(ValueError, "scheme"):
+            NormalizeChannelsd("image", "minmax")
+        with self.assertRaisesRegex(ValueError, "lower, upper, mean, std"):
+            NormalizeChannelsd("image", ["ct"], [None])
+
+    def test_select_full_resolution(self):
+        a, b = torch.zeros(2, 4, 4), torch.ones(2, 2, 2)
+        self.assertIs(SelectFullResolutiond("pred")({"pred": [a, b]})["pred"], a)
+        self.assertIs(SelectFullResolutiond("pred")({"pred": a})["pred"], a)
+
+
+class TestMirroringInferer(unittest.TestCase):
+    @parameterized.expand([((0,),), ((0, 1, 2),), (None,)])
+    def test_equals_manual_average(self, axes):
+        torch.manual_seed(0)
+        net = torch.nn.Conv3d(1, 2, 3, padding=1)
+        x = torch.randn(1, 1, 12, 10, 8)
+        inferer = MirroringSlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=2, overlap=0.5, mode="gaussian",
+                                                mirror_axes=axes)
+        with torch.no_grad():
+            out = inferer(x, net)
+            plain = MirroringSlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=2, overlap=0.5, mode="gaussian")
+            flips = [()] + ([tuple(c) for r in range(1, len(axes) + 1)
+                             for c in __import__("itertools").combinations(axes, r)] if axes else [])
+            expected = sum(torch.flip(plain(torch.flip(x, [a + 2 for a in f]), net), [a + 2 for a in f])
+                           for f in flips) / len(flips)
+        torch.testing.assert_close(out, expected)
+
+    def test_bad_axes(self):
+        with self.assertRaisesRegex(ValueError, "0-based"):
+            MirroringSlidingWindowInferer(roi_size=(8, 8), mirror_axes=[-1])
+        inferer = MirroringSlidingWindowInferer(roi_size=(8, 8), mirror_axes=[2])
+        with self.assertRaisesRegex(ValueError, "exceed"):
+            inferer(torch.zeros(1, 1, 8, 8), torch.nn.Identity())
+
+
+class TestAtomicOutputs(unittest.TestCase):
+    def test_failed_write_leaves_old_file(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.pt"
+            atomic_torch_save({"a": torch.ones(2)}, path)
+            with self.assertRaises(RuntimeError):
+                with atomic_path(path) as t:
+                    t.write_bytes(b"half")
+                    raise RuntimeError("interrupted")
+            self.assertEqual(torch.load(path, weights_only=True)["a"].tolist(), [1.0, 1.0])
+            self.assertEqual(sorted(os.listdir(tmp)), ["model.pt"])
+
+    def test_save_segmentation_geometry(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            affine = np.diag([0.8, 0.8, 2.5, 1.0])
+            affine[:3, 3] = [10, -5, 3]
+            pred = MetaTensor(torch.randint(0, 3, (1, 6, 5, 4)).float(), affine=torch.as_tensor(affine),
+                              meta={"filename_or_obj": "/x/case7.nrrd"})
+            out = AtomicSaveSegmentationd("pred", output_dir=tmp, output_postfix="seg", output_dtype=np.uint8)({"pred": pred})
+            saved = nib.load(out["pred_path"])
+            self.assertTrue(out["pred_path"].endswith("case7_seg.nii.gz"))
+            self.assertEqual(saved.shape, (6, 5, 4))
+            self.assertEqual(saved.get_data_dtype(), np.uint8)
+            np.testing.assert_allclose(saved.affine, affine, atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(saved.dataobj), pred[0].numpy().astype(np.uint8))
+            self.assertEqual(os.listdir(tmp), ["case7_seg.nii.gz"])
+
+
+if __name__ == "__main__":
+    unittest.main()
