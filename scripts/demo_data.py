@@ -7,6 +7,8 @@ Nothing is downloaded from a data hub: the images ship inside registry packages.
   label is 0 background, 1 grey matter, 2 white matter (the larger probability where it exceeds 50%). The left
   hemisphere is the training case; the right hemisphere is held out, its posterior half for validation and its
   anterior half for testing.
+* ``brats_like``: a synthetic BraTS-like set (4 MRI channels, 1 mm, nested tumour regions) made here, for showing
+  what the planner does with multi-channel data of BraTS's size (no real BraTS data ships in a registry).
 * ``pyradiomics``: five real lesion volumes (brain MRI, lung CT, breast MRI) with binary masks, from the
   pyradiomics 3.0.1 source distribution.
 
@@ -33,7 +35,7 @@ import numpy as np
 
 from scripts.io_utils import atomic_write_json
 
-__all__ = ["fetch_mni", "fetch_pyradiomics", "make_mni_hemispheres", "main"]
+__all__ = ["fetch_mni", "fetch_pyradiomics", "make_brats_like", "make_mni_hemispheres", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +163,57 @@ def fetch_pyradiomics(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
+def make_brats_like(out_dir: str | os.PathLike, n_cases: int = 4, shape=(144, 176, 144), seed: int = 0) -> Path:
+    """Write a synthetic BraTS-like dataset: 4 channels (FLAIR, T1, T1gd, T2 stand-ins) per case, a brain-shaped
+    ellipsoid with a tumour of three nested regions (1 edema, 2 non-enhancing core, 3 enhancing), 1 mm spacing."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
+    centre = np.array(shape, np.float32) / 2
+    brain = (((grid - centre) / (centre * 0.85)) ** 2).sum(-1) < 1
+    items = []
+    for i in range(n_cases):
+        c = centre + rng.uniform(-20, 20, 3).astype(np.float32)
+        r = np.linalg.norm(grid - c, axis=-1)
+        radius = rng.uniform(14, 24)
+        label = np.zeros(shape, np.uint8)
+        label[(r < radius) & brain] = 1
+        label[(r < 0.6 * radius) & brain] = 2
+        label[(r < 0.6 * radius) & (r > 0.45 * radius) & brain] = 3
+        channels = []
+        for ch, (base, contrast) in enumerate(((300, 120), (400, -60), (350, 150), (500, 200))):
+            img = brain * (base + contrast * (label > 0) + 40 * (label == 3) + rng.normal(0, 25, shape))
+            name = f"case{i:03d}_{ch:04d}.nii.gz"
+            nib.save(nib.Nifti1Image(img.astype(np.float32), np.eye(4)), str(out_dir / name))
+            channels.append(name)
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(out_dir / f"case{i:03d}_seg.nii.gz"))
+        items.append({"image": channels, "label": f"case{i:03d}_seg.nii.gz"})
+    path = out_dir / "datalist.json"
+    atomic_write_json(
+        {
+            "description": "synthetic BraTS-like data made by scripts.demo_data (not real images)",
+            "modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumour", "3": "enhancing tumour"},
+            "training": items,
+        },
+        path,
+    )
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="data", help="folder for the data (default: data)")
-    parser.add_argument("--which", nargs="+", default=["mni"], choices=["mni", "pyradiomics"])
+    parser.add_argument("--which", nargs="+", default=["mni"], choices=["mni", "pyradiomics", "brats_like"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
     if "mni" in args.which:
         datalist = make_mni_hemispheres(fetch_mni(out / "mni"), out / "mni")
         logger.info("MNI152 hemisphere dataset ready: %s", datalist)
+    if "brats_like" in args.which:
+        logger.info("synthetic BraTS-like dataset ready: %s", make_brats_like(out / "brats_like"))
     if "pyradiomics" in args.which:
         folder = fetch_pyradiomics(out / "pyradiomics")
         logger.info("pyradiomics lesion cases ready in %s (datalist_brain.json, datalist_lung.json)", folder)
