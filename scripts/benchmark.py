@@ -685,6 +685,7 @@ def _atomic_write(path: str, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -887,6 +888,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="64^3 only, 1 repeat, no memory/sliding/scaling")
     p.add_argument("--out", default="docs/benchmarks", help="output folder")
     p.add_argument("--no-write", action="store_true", help="print the JSON instead of writing the outputs")
+    p.add_argument("--render", metavar="RESULTS_JSON", help="only re-write the table, README and plots from a results.json")
     p.add_argument("--memory-case", nargs=3, metavar=("MODEL", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     return p
 
@@ -901,6 +903,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         sys.stdout.write(json.dumps(out) + "\n")
         return None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        with open(args.render) as f:
+            rendered = json.load(f)
+        for path in write_outputs(rendered, args.out, rendered.get("command")):
+            logger.info("wrote %s", path)
+        return rendered
     cuda = torch.device(args.device).type == "cuda"
     models = args.models or list(DEFAULT_MODELS)
     if cuda and args.models is None:
