@@ -17,9 +17,17 @@ from monai.metrics import compute_confusion_matrix_metric
 
 from .io_utils import atomic_path, atomic_torch_save, atomic_write_text
 
-__all__ = ["BestModelSaver", "LatestCheckpoint", "TrainingCurves", "MetricsJSONWriter"]
+__all__ = ["BestModelSaver", "LatestCheckpoint", "loads_checkpoint", "TrainingCurves", "MetricsJSONWriter"]
 
 logger = logging.getLogger(__name__)
+
+
+def loads_checkpoint(engine: Engine) -> bool:
+    """Whether a :class:`monai.handlers.CheckpointLoader` runs when ``engine`` starts (a fine-tuning run)."""
+    from monai.handlers import CheckpointLoader
+
+    handlers = getattr(engine, "_event_handlers", {}).get(Events.STARTED, [])
+    return any(isinstance(h[0], CheckpointLoader) for h in handlers)
 
 
 class LatestCheckpoint:
@@ -29,6 +37,8 @@ class LatestCheckpoint:
     scheduler, trainer, ...) is written to ``path`` atomically. With ``resume=True`` and an existing file, the
     state is loaded when the trainer starts (``weights_only=True``), so the run continues after the last
     completed epoch; the trainer's ``max_epochs`` of the current run is kept, so a resumed run may be extended.
+    A run that also loads weights with a ``CheckpointLoader`` attached before this handler (e.g. MONAI Label's
+    training from ``models/model.pt``) is a fine-tuning run: it starts at epoch 0 from those weights instead.
 
     Args:
         path: checkpoint file, e.g. ``models/checkpoint_latest.pt``.
@@ -57,6 +67,9 @@ class LatestCheckpoint:
 
     def load(self, engine: Engine) -> None:
         if not (self.resume and self.path.is_file()):
+            return
+        if loads_checkpoint(engine):
+            logger.info("weights loaded by a CheckpointLoader: fine-tuning from epoch 0, not resuming %s", self.path)
             return
         max_epochs = engine.state.max_epochs
         checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)

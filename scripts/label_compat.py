@@ -10,8 +10,8 @@ entries aside for the call and puts them back unchanged.
 MONAI Label's training reads ``train#handlers`` as a list of dictionaries (it looks for a ``CheckpointLoader``
 entry and prepends one that loads ``models/model.pt`` into ``@network``), so every entry must be a dictionary:
 :class:`SharedHandler` lists a handler object built elsewhere in the config. When that loader is present the run
-is a fine-tuning run from ``model.pt``: :class:`FineTuneAwareLatestCheckpoint` then starts it at epoch 0 instead
-of resuming the previous run's state (which would undo the loaded weights and skip the requested epochs).
+is a fine-tuning run from ``model.pt``: :class:`scripts.handlers.LatestCheckpoint` then starts it at epoch 0
+instead of resuming the previous run's state (which would undo the loaded weights and skip the requested epochs).
 
 MONAI Label's endpoints turn any other exception into a bare ``500 Internal Server Error``.
 :class:`LoadImageCheckedd` (a ``LoadImaged``, which MONAI Label keeps and wraps) reports a file that is not a
@@ -25,22 +25,18 @@ import logging
 from collections.abc import Hashable, Mapping
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.config import KeysCollection
-from monai.handlers import CheckpointLoader
 from monai.transforms import LoadImaged, Spacingd
 
 from scripts.data import DataError
-from scripts.handlers import LatestCheckpoint
 
 __all__ = [
     "InputError",
     "LoadImageCheckedd",
     "SafeSpacingd",
     "SharedHandler",
-    "FineTuneAwareLatestCheckpoint",
     "non_mapping_companions",
-    "loads_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,25 +116,6 @@ class SharedHandler:
 
     def attach(self, engine: Engine) -> None:
         self.handler.attach(engine)
-
-
-def loads_checkpoint(engine: Engine) -> bool:
-    """Whether a :class:`monai.handlers.CheckpointLoader` runs when ``engine`` starts (a fine-tuning run)."""
-    handlers = getattr(engine, "_event_handlers", {}).get(Events.STARTED, [])
-    return any(isinstance(h[0], CheckpointLoader) for h in handlers)
-
-
-class FineTuneAwareLatestCheckpoint(LatestCheckpoint):
-    """:class:`scripts.handlers.LatestCheckpoint` that does not resume when the trainer also loads weights with a
-    ``CheckpointLoader`` attached before it (MONAI Label's training from ``models/model.pt``): such a run starts
-    at epoch 0 from the loaded weights and trains the requested epochs. Otherwise it resumes as usual.
-    """
-
-    def load(self, engine: Engine) -> None:
-        if self.resume and self.path.is_file() and loads_checkpoint(engine):
-            logger.info("weights loaded by a CheckpointLoader: fine-tuning from epoch 0, not resuming %s", self.path)
-            return
-        super().load(engine)
 
 
 class LoadImageCheckedd(LoadImaged):

@@ -16,14 +16,13 @@ from monai.handlers import CheckpointLoader
 from monai.transforms import LoadImaged, Spacingd
 from parameterized import parameterized
 
+from scripts.handlers import LatestCheckpoint, loads_checkpoint
 from scripts.label.app import OFFLINE_CONF, copy_bundle, init_model, prepare_app, server_command, set_plan
 from scripts.label_compat import (
-    FineTuneAwareLatestCheckpoint,
     InputError,
     LoadImageCheckedd,
     SafeSpacingd,
     SharedHandler,
-    loads_checkpoint,
     non_mapping_companions,
 )
 
@@ -106,7 +105,7 @@ class TestHandlers(unittest.TestCase):
             tmp = Path(tmp)
             net = torch.nn.Linear(2, 2)
             trainer = Engine(lambda e, b: None)
-            FineTuneAwareLatestCheckpoint(tmp / "latest.pt", {"model": net}).attach(trainer)
+            LatestCheckpoint(tmp / "latest.pt", {"model": net}).attach(trainer)
             trainer.run([0], max_epochs=2)  # writes the state after 2 epochs
             saved = {k: v.clone() for k, v in net.state_dict().items()}
             torch.save(net.state_dict(), tmp / "model.pt")
@@ -116,7 +115,7 @@ class TestHandlers(unittest.TestCase):
             epochs = []
             if fine_tune:  # MONAI Label prepends a CheckpointLoader of models/model.pt
                 CheckpointLoader(str(tmp / "model.pt"), {"model": net2}).attach(trainer2)
-            FineTuneAwareLatestCheckpoint(tmp / "latest.pt", {"model": net2}).attach(trainer2)
+            LatestCheckpoint(tmp / "latest.pt", {"model": net2}).attach(trainer2)
             trainer2.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.epoch))
             self.assertEqual(loads_checkpoint(trainer2), fine_tune)
             trainer2.run([0], max_epochs=2)
