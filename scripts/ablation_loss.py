@@ -57,7 +57,7 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from .io_utils import atomic_write_json as write_json_atomic
+from .io_utils import atomic_write_json
 from .losses import MambaClinixLoss
 from .networks import MambaClinix
 from .transforms import NormalizeChannelsd
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(output.read_text())
         if note:
             report["interpretation"] = note
-            write_json_atomic(report, output)
+            atomic_write_json(report, output)
         write_markdown(report, output.with_suffix(".md"))
         return 0
     torch.set_num_threads(args.threads)
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             report["paired"] = paired_differences(report["runs"], args.settings)
             report["wall_s"] = round(time.perf_counter() - wall, 1)
             report["machine"] = _machine()
-            write_json_atomic(report, output)
+            atomic_write_json(report, output)
     write_markdown(report, output.with_suffix(".md"))
     for key, entry in report["summary"].items():
         logger.info(

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from monai.handlers import CheckpointLoader
 from monai.metrics import compute_confusion_matrix_metric
 
 from .io_utils import atomic_path, atomic_torch_save, atomic_write_text
@@ -24,8 +25,6 @@ logger = logging.getLogger(__name__)
 
 def loads_checkpoint(engine: Engine) -> bool:
     """Whether a :class:`monai.handlers.CheckpointLoader` runs when ``engine`` starts (a fine-tuning run)."""
-    from monai.handlers import CheckpointLoader
-
     handlers = getattr(engine, "_event_handlers", {}).get(Events.STARTED, [])
     return any(isinstance(h[0], CheckpointLoader) for h in handlers)
 

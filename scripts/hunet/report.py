@@ -26,17 +26,11 @@ else:
     Engine, _ = optional_import("ignite.engine", name="Engine")
     Events, _ = optional_import("ignite.engine", name="Events")
 
-__all__ = ["lesion_report", "case_metrics", "CaseMetricsSaver", "write_json_atomic", "write_text_atomic"]
+__all__ = ["lesion_report", "case_metrics", "CaseMetricsSaver", "write_json_atomic"]
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("iou", "hd95", "dsc", "sensitivity", "specificity")
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    atomic_write_text(text, path)
-    return Path(path)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -53,7 +47,8 @@ def _json_safe(obj: Any) -> Any:
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as JSON (NaN/inf as null) to ``path`` atomically."""
-    return write_text_atomic(json.dumps(_json_safe(obj), indent=2), path)
+    atomic_write_text(json.dumps(_json_safe(obj), indent=2), path)
+    return Path(path)
 
 
 def lesion_report(mask: np.ndarray, spacing: Sequence[float], connectivity: int = 3) -> dict:
@@ -237,7 +232,7 @@ class CaseMetricsSaver:
         writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
         writer.writerows(self.rows)
-        write_text_atomic(buf.getvalue(), self.output_dir / f"{self.name}.csv")
+        atomic_write_text(buf.getvalue(), self.output_dir / f"{self.name}.csv")
         payload = {"hd95_unit": "mm", "cases": self.rows, "summary": self.summary()}
         write_json_atomic(payload, self.output_dir / f"{self.name}.json")
         logger.info("per-case metrics written to %s", self.output_dir / f"{self.name}.csv")
