@@ -1,0 +1,66 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Convolution layers that reach oneDNN's kernels on CPU for single-sample inputs.
+
+PyTorch picks its CPU convolution backend with a heuristic written for 2D images: a batch-1 input with a 3x3 kernel
+and fewer than ``20480`` elements in ``(N, C, D, H)`` goes to the native ``slow_conv3d`` loop instead of oneDNN. For
+3D feature maps that rule catches the deep stages (e.g. ``256 x 8^3``) and the stem (``1 x 64^3``), which then run
+3-8x slower than oneDNN would run them (``docs/benchmarks/README.md``). These subclasses of ``nn.Conv2d`` /
+``nn.Conv3d`` call oneDNN directly in exactly those cases; the module, its parameters, state dict and maths are the
+standard ones, and every other case (CUDA, autocast, batches > 1, tracing, ``torch.compile``) takes PyTorch's own path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["OneDNNConv2d", "OneDNNConv3d", "conv_layer"]
+
+
+def _use_onednn(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether ``conv(x)`` should call oneDNN directly instead of PyTorch's backend heuristic."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: keeps the graph free of these checks
+        return False
+    if _get_current_dispatch_mode() is not None or is_fake(x):  # FlopCounterMode, FakeTensorMode, make_fx...
+        return False  # they know aten.convolution, not the backend op
+    return (
+        x.shape[0] == 1  # larger batches already reach oneDNN
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+class _OneDNNForward:
+    """Mixin for ``nn.Conv2d`` / ``nn.Conv3d``: batch-1 float32 CPU inputs go straight to oneDNN."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _use_onednn(self, input):  # type: ignore[arg-type]
+            return torch.ops.aten.mkldnn_convolution(
+                input, weight, bias, self.padding, self.stride, self.dilation, self.groups  # type: ignore[attr-defined]
+            )
+        return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
+
+
+class OneDNNConv3d(_OneDNNForward, nn.Conv3d):
+    """``nn.Conv3d`` that runs batch-1 float32 CPU inputs on oneDNN (same arguments, parameters and results)."""
+
+
+class OneDNNConv2d(_OneDNNForward, nn.Conv2d):
+    """``nn.Conv2d`` that runs batch-1 float32 CPU inputs on oneDNN (same arguments, parameters and results)."""
+
+
+def conv_layer(spatial_dims: int) -> type[nn.Module]:
+    """The convolution class for ``spatial_dims`` (2 or 3), the counterpart of ``Conv[Conv.CONV, spatial_dims]``."""
+    if spatial_dims == 3:
+        return OneDNNConv3d
+    if spatial_dims == 2:
+        return OneDNNConv2d
+    raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
