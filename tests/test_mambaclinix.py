@@ -72,22 +72,58 @@ class TestMambaClinixShapes(unittest.TestCase):
         net.train()(x).sum().backward()
         self.assertIsNotNone(x.grad)
 
-    def test_checkpointing_matches(self):
+    @parameterized.expand([(False, 0.0), (True, 0.3)])
+    def test_checkpointing_matches(self, deep_supervision, drop_path_rate):
+        kwargs = {"features": (8, 16, 16), "strides": (1, 2, 2), "drop_path_rate": drop_path_rate,
+                  "deep_supervision": deep_supervision}
         torch.manual_seed(1)
-        a = MambaClinix(3, 1, 2, drop_path_rate=0.0, features=(8, 16, 16), strides=(1, 2, 2))
-        b = MambaClinix(3, 1, 2, drop_path_rate=0.0, features=(8, 16, 16), strides=(1, 2, 2), gradient_checkpointing=True)
+        a = MambaClinix(3, 1, 2, **kwargs)
+        b = MambaClinix(3, 1, 2, gradient_checkpointing=True, **kwargs)
         b.load_state_dict(a.state_dict())
         x = torch.randn(1, 1, 8, 8, 8, requires_grad=True)
-        ya = a.train()(x)
-        yb = b.train()(x)
-        torch.testing.assert_close(ya, yb)
-        ga = torch.autograd.grad(ya.sum(), list(a.parameters()), allow_unused=True)
-        gb = torch.autograd.grad(yb.sum(), list(b.parameters()), allow_unused=True)
+        outputs = []
+        for net in (a, b):
+            torch.manual_seed(2)  # the same drop-path draws in both nets (checkpointing replays the RNG state)
+            y = net.train()(x)
+            y = y if isinstance(y, list) else [y]
+            loss = sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in y)
+            outputs.append((y, torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)))
+        (ya, ga), (yb, gb) = outputs
+        for u, v in zip(ya, yb):
+            torch.testing.assert_close(u, v)
         for u, v in zip(ga, gb):
             self.assertEqual(u is None, v is None)
             if u is not None:
                 torch.testing.assert_close(u, v)
 
+    def test_checkpointing_switch_reaches_blocks(self):
+        from scripts.networks.blocks import ResidualBlock
+
+        net = MambaClinix(3, 1, 2, **TINY)
+        blocks = [m for m in net.modules() if isinstance(m, (ResidualBlock, HGCNBlock))]
+        self.assertTrue(blocks and not any(b.gradient_checkpointing for b in blocks))
+        net.gradient_checkpointing = True
+        self.assertTrue(all(b.gradient_checkpointing for b in blocks))
+        x = torch.randn(2, 1, 16, 16, 16)
+        net.train()(x).mean().backward()
+        last_head = f"heads.{len(net.heads) - 1}."  # without deep supervision only the full-resolution head runs
+        for name, p in net.named_parameters():
+            if not name.startswith("heads.") or name.startswith(last_head):
+                self.assertIsNotNone(p.grad, name)
+
+    @parameterized.expand([(2, True), (3, True), (3, None)])  # None: the default, channels-last for 3D on CPU
+    def test_memory_format_same_function(self, dims, channels_last):
+        torch.manual_seed(3)
+        ref = MambaClinix(dims, 2, 3, channels_last=False, **TINY)
+        net = MambaClinix(dims, 2, 3, channels_last=channels_last, **TINY)
+        net.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 2, *(16,) * dims)
+        with torch.no_grad():
+            y, y_ref = net.eval()(x), ref.eval()(x)
+        self.assertTrue(y.is_contiguous())
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+        self.assertEqual(net._memory_format(x), torch.channels_last if dims == 2 else torch.channels_last_3d)
+        self.assertEqual(ref._memory_format(x), torch.contiguous_format)
 
 class TestMambaClinixPaper(unittest.TestCase):
     def test_parameter_count_paper(self):
@@ -162,6 +198,19 @@ class TestBlocks(unittest.TestCase):
             y = layer.to(torch.float32)(x)
         self.assertEqual(y.dtype, torch.bfloat16)
         self.assertTrue(torch.isfinite(y.float()).all())
+
+    @parameterized.expand([(2,), (3,)])
+    def test_mamba_layer_raster_order_any_memory_format(self, dims):
+        torch.manual_seed(4)
+        layer = ResidualMambaLayer(8).eval()
+        x = torch.randn(2, 8, *(4,) * dims)
+        with torch.no_grad():  # reference: the tokens of the channels-first tensor in raster (C-order) order
+            tokens = x.flatten(2).transpose(1, 2)
+            y = layer.proj(layer.norm(layer.mamba(layer.norm(tokens))))
+            expected = x + y.transpose(1, 2).reshape(x.shape)
+            fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+            for inp in (x, x.contiguous(memory_format=fmt)):
+                torch.testing.assert_close(layer(inp), expected, atol=1e-5, rtol=1e-5)
 
     def test_bf16_autocast_network(self):
         net = MambaClinix(3, 1, 2, **TINY)

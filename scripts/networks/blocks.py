@@ -6,15 +6,18 @@ Every block is ``spatial_dims``-generic (2D or 3D) and takes MONAI-style norm / 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
-from monai.networks.layers.factories import Conv, Pool
+from torch.utils.checkpoint import checkpoint
+from monai.networks.layers.factories import Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
+from .conv import conv_layer
 from .mamba import Mamba
 
 __all__ = [
@@ -95,7 +98,7 @@ class ConvNormAct(nn.Sequential):
         kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
         self.add_module(
             "conv",
-            Conv[Conv.CONV, spatial_dims](
+            conv_layer(spatial_dims)(
                 in_channels,
                 out_channels,
                 kernel_size=kernel,
@@ -109,6 +112,10 @@ class ConvNormAct(nn.Sequential):
             self.add_module("norm", _fast_norm(get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=out_channels)))
         if act is not None:
             self.add_module("act", get_act_layer(name=act))
+
+
+def _call(fn, *args):
+    return fn(*args)
 
 
 class ResidualBlock(nn.Module):
@@ -148,8 +155,13 @@ class ResidualBlock(nn.Module):
             skip.append(ConvNormAct(spatial_dims, in_channels, out_channels, 1, 1, norm, None))
         self.skip = nn.Sequential(*skip)
         self.act = get_act_layer(name=act)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # each convolution separately: only their outputs are kept, the norm/activation insides are recomputed
+            run = functools.partial(checkpoint, use_reentrant=False)
+            return self.act(run(self.conv2, run(self.conv1, x)) + (run(self.skip, x) if len(self.skip) else x))
         return self.act(self.conv2(self.conv1(x)) + self.skip(x))
 
 
@@ -220,7 +232,7 @@ class HgConv(nn.Module):
         self.gating = gating
         self.scale = scale
         self.dims = [channels // 2**i for i in range(order)][::-1]
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_layer(spatial_dims)
         kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
         self.proj_in = conv(channels, 2 * channels, kernel_size=1)
         self.dwconv = conv(sum(self.dims), sum(self.dims), kernel, padding=same_padding(kernel), groups=sum(self.dims))
@@ -280,15 +292,23 @@ class HGCNBlock(nn.Module):
         self.out_conv1 = ConvNormAct(spatial_dims, inner, channels, kernel_size, 1, None, act)
         self.out_conv2 = ConvNormAct(spatial_dims, channels, channels, kernel_size, 1, None, None)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.gradient_checkpointing = False
+
+    def _gated(self, h: torch.Tensor) -> torch.Tensor:
+        return self.hgconv(self.norm(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            run = functools.partial(checkpoint, use_reentrant=False)  # keep only the sub-steps' outputs
+        else:
+            run = _call
+        h = run(self.stem, x)
         gamma = self.gamma.view((1, -1) + (1,) * (h.ndim - 2))
         if isinstance(self.drop_path, nn.Identity):  # one fused pass for h + gamma * hgconv(...)
-            h = torch.addcmul(h, gamma, self.hgconv(self.norm(h)))
+            h = torch.addcmul(h, gamma, run(self._gated, h))
         else:
-            h = h + self.drop_path(gamma * self.hgconv(self.norm(h)))
-        return x + self.drop_path(self.out_conv2(self.out_conv1(h)))
+            h = h + self.drop_path(gamma * run(self._gated, h))
+        return x + self.drop_path(run(self.out_conv2, run(self.out_conv1, h)))
 
 
 class ResidualMambaLayer(nn.Module):
@@ -333,13 +353,14 @@ class ResidualMambaLayer(nn.Module):
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = x.float()
-            tokens = h.flatten(2).transpose(1, 2)  # (B, L, C)
+            channels_last = h.movedim(1, -1)  # a view; no copy when h is in channels-last memory
+            tokens = channels_last.reshape(h.shape[0], -1, h.shape[1])  # (B, L, C), L in raster order
             normed = self.norm(tokens)
             y = self.mamba(normed)
             if self.mamba_backward is not None:
                 y = 0.5 * (y + self.mamba_backward(normed.flip(1)).flip(1))
             y = self.proj(self.norm(y))
-            out = h + y.transpose(1, 2).reshape(h.shape)
+            out = h + y.reshape(channels_last.shape).movedim(-1, 1)
         return out.to(dtype)
 
 
@@ -358,7 +379,7 @@ class UpsampleBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.scale_factor = tuple(float(s) for s in _as_tuple(scale_factor, spatial_dims, "scale_factor"))
-        self.conv = Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1)
+        self.conv = conv_layer(spatial_dims)(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s != 1.0 for s in self.scale_factor):

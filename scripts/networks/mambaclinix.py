@@ -7,16 +7,17 @@ Image Segmentation", https://arxiv.org/abs/2409.12533.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.networks.layers.factories import Conv
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import ChannelLayerNorm, ConvNormAct, HGCNBlock, ResidualBlock, ResidualMambaLayer, UpsampleBlock
+from .conv import conv_layer
 
 __all__ = ["MambaClinix", "default_block_types", "default_hgcn_orders"]
 
@@ -83,7 +84,12 @@ class MambaClinix(nn.Module):
         d_conv: Mamba convolution width.
         expand: Mamba expansion factor.
         scan_backend: selective-scan backend (``None``: automatic; see ``scripts.networks.selective_scan``).
-        gradient_checkpointing: recompute encoder stages in backward to save memory during training.
+        gradient_checkpointing: keep only the outputs of the blocks during training and recompute the inside of
+            each block in backward: less training memory for more step time (figures in docs/benchmarks).
+        channels_last: run the convolutions on channels-last memory (``channels_last_3d`` in 3D). ``None``
+            (default) turns it on for 3D inputs on CPU, where oneDNN's kernels are about 1.3x faster in that
+            layout; the output is returned channels-first (contiguous) either way and the results are the same
+            up to float rounding.
     """
 
     def __init__(
@@ -107,6 +113,7 @@ class MambaClinix(nn.Module):
         expand: int = 2,
         scan_backend: str | None = None,
         gradient_checkpointing: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -140,7 +147,8 @@ class MambaClinix(nn.Module):
         self.block_types = block_types
         self.hgcn_orders = [int(o) for o in hgcn_orders]
         self.deep_supervision = deep_supervision
-        self.gradient_checkpointing = gradient_checkpointing
+        self._gradient_checkpointing = gradient_checkpointing
+        self.channels_last = channels_last
         # the total down-sampling per axis: inputs must be divisible by it
         self.size_divisible = tuple(int(np.prod([s[a] for s in stride_list])) for a in range(spatial_dims))
 
@@ -167,7 +175,7 @@ class MambaClinix(nn.Module):
             self.encoder.append(nn.Sequential(*layers))
 
         self.bottleneck = ResidualBlock(spatial_dims, features[-1], features[-1], kernels[-1], 1, norm, act)
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_layer(spatial_dims)
         self.up = nn.ModuleList()
         self.skip_blocks = nn.ModuleList()
         self.fuse_blocks = nn.ModuleList()
@@ -177,6 +185,19 @@ class MambaClinix(nn.Module):
             self.skip_blocks.append(ResidualBlock(spatial_dims, features[s], features[s], kernels[s], 1, norm, act))
             self.fuse_blocks.append(ResidualBlock(spatial_dims, 2 * features[s], features[s], kernels[s], 1, norm, act))
             self.heads.append(conv(features[s], out_channels, kernel_size=1))
+        self.gradient_checkpointing = gradient_checkpointing  # also switches it in the blocks (property)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether training recomputes block insides in backward; setting it switches every block as well."""
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self._gradient_checkpointing = bool(value)
+        for module in self.modules():
+            if isinstance(module, (ResidualBlock, HGCNBlock)):
+                module.gradient_checkpointing = bool(value)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
@@ -194,25 +215,44 @@ class MambaClinix(nn.Module):
                 "strides per axis); pad or crop the input, e.g. with monai.transforms.DivisiblePad."
             )
 
-    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and x.requires_grad:
-            return checkpoint(module, x, use_reentrant=False)
-        return module(x)
+    def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
+        if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _memory_format(self, x: torch.Tensor) -> torch.memory_format:
+        use = self.channels_last if self.channels_last is not None else (x.ndim == 5 and x.device.type == "cpu")
+        if not use:
+            return torch.contiguous_format
+        return torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+
+    def _fuse(self, level: int, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.fuse_blocks[level](torch.cat([up, skip], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not torch.jit.is_tracing():
             self._check_input(x)
-        h = self.stem(x)
+        memory_format = self._memory_format(x)
+        x = x.contiguous(memory_format=memory_format)
+        if memory_format != torch.contiguous_format and x.shape[1] == 1:
+            # a 1-channel tensor counts as channels-last already, but oneDNN reads the layout from the channel
+            # stride: give it the channels-last strides (a free view) so that the stem writes channels-last output
+            spatial = int(np.prod(x.shape[2:]))
+            x = x.as_strided(x.shape, (spatial, 1, *x.stride()[2:]))
+        h = self._run(self.stem, x).contiguous(memory_format=memory_format)
         skips = []
         for stage in self.encoder:
-            h = self._run(stage, h)
+            for block in stage:  # checkpointed block by block: the recomputation peak stays one block's
+                h = self._run(block, h)
             skips.append(h)
-        h = self.bottleneck(skips[-1])
+        h = self._run(self.bottleneck, skips[-1])
         outputs = []
-        for i, (up, skip_block, fuse, head) in enumerate(zip(self.up, self.skip_blocks, self.fuse_blocks, self.heads)):
-            skip = skips[-(i + 2)]
-            h = fuse(torch.cat([up(h), skip_block(skip)], dim=1))
-            outputs.append(head(h) if (self.deep_supervision and self.training) or i == len(self.heads) - 1 else None)
+        last = len(self.heads) - 1
+        for i, head in enumerate(self.heads):
+            up, skip = self._run(self.up[i], h), self._run(self.skip_blocks[i], skips[-(i + 2)])
+            h = self._run(functools.partial(self._fuse, i), up, skip)
+            if (self.deep_supervision and self.training) or i == last:
+                outputs.append(head(h).contiguous())
         if self.deep_supervision and self.training:
-            return [o for o in outputs[::-1] if o is not None]
+            return outputs[::-1]
         return outputs[-1]
