@@ -27,6 +27,9 @@ What is measured, per model and cubic patch edge:
   roi 64^3 on CPU, 96^3 on CUDA).
 - ``scaling``: forward latency against the patch edge and a least-squares fit of ``log t = a + k log edge``.
 
+On CPU the timings run with :func:`scripts.runtime.reuse_freed_cpu_memory` in effect, as the bundle's configs do
+(``--system-malloc`` turns it off); :mod:`scripts.bench_allocator` measures what it changes.
+
 Times are medians after ``--warmup`` runs; the repetitions are interleaved (round-robin over the models within
 each repetition) so that drift of a shared machine hits all models alike. Each timing also records the process
 CPU time, which is less sensitive to other processes on a shared machine than the wall-clock time.
@@ -62,6 +65,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scripts.runtime import reuse_freed_cpu_memory
+
 __all__ = [
     "MODELS",
     "build_model",
@@ -72,6 +77,7 @@ __all__ = [
     "measure_memory",
     "measure_peaks",
     "run_benchmark",
+    "run_module_json",
     "size_divisor",
     "write_outputs",
 ]
@@ -405,20 +411,28 @@ def _memory_case(name: str, size: int, train_batch: int, device: torch.device) -
     return out
 
 
+def run_module_json(module: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m module args`` in a fresh process (bundle root on the path); parse its last stdout line.
+
+    Returns the JSON object, or ``{"error": ...}`` with the last line of stderr when the process failed.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=root, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"subprocess failed ({proc.returncode}): {tail[0]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def measure_memory(name: str, size: int, train_batch: int, device: str = "cpu", threads: int = 2) -> dict[str, Any]:
     """Peak memory of ``name`` at ``size``: in a fresh subprocess on CPU (RSS), in-process on CUDA."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return _memory_case(name, size, train_batch, dev)
-    cmd = [sys.executable, "-m", "scripts.benchmark", "--memory-case", name, str(size), str(train_batch),
-           "--threads", str(threads)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"subprocess failed ({proc.returncode}): {tail[0]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_module_json(
+        "scripts.benchmark", "--memory-case", name, str(size), str(train_batch), "--threads", str(threads)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -516,6 +530,7 @@ def run_benchmark(
     conv_scale: float = 1.0,
     matmul_n: int = 2048,
     memory_models: Sequence[str] = (),
+    cpu_memory_reuse: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark and return its results as a JSON-serialisable dict (see the module docstring).
 
@@ -544,6 +559,9 @@ def run_benchmark(
         conv_scale: factor on the edges of the conv-throughput cases (smaller for a quick smoke test).
         matmul_n: size of the square matmul that measures the dense peak.
         memory_models: extra models measured for peak memory only (e.g. ``mambaclinix+naive``).
+        cpu_memory_reuse: on CPU, time with :func:`scripts.runtime.reuse_freed_cpu_memory` in effect, as the
+            bundle's configs run (it holds for the rest of this process). The peak-memory subprocesses keep the
+            system allocator: with freed memory kept, the growth over a baseline would not show a step's peak.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -553,6 +571,7 @@ def run_benchmark(
             raise ValueError(f"modes must be 'forward' and/or 'train', got {m!r}.")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    reuse = reuse_freed_cpu_memory() if cpu_memory_reuse and dev.type == "cpu" else False
     started = time.time()
     result: dict[str, Any] = {
         "machine": machine_info(dev, threads),
@@ -561,7 +580,7 @@ def run_benchmark(
             "train_sizes": list(train_sizes) if train_sizes is not None else list(sizes), "train_batch": train_batch,
             "device": str(dev), "threads": threads, "max_call_s": max_call_s, "sliding_volume": sliding_volume,
             "scaling_sizes": list(scaling_sizes), "scaling_models": list(scaling_models),
-            "memory_models": list(memory_models),
+            "memory_models": list(memory_models), "cpu_memory_reuse": reuse,
         },
         "load_average_start": list(os.getloadavg()),
         "models": {},
@@ -875,7 +894,10 @@ def _readme(result: dict[str, Any], table: str, images: list[str], out_dir: str)
            " - no other jobs of ours ran (at the end the load includes the benchmark's own threads)."),
         f"- Settings: {st['repeats']} timed runs (median) after {st['warmup']} warm-up, interleaved round-robin "
         f"over the models; forward batch 1 in `inference_mode`, training step batch {st['train_batch']} "
-        "(forward + cross-entropy + backward + SGD step); float32 unless a model name says `+bf16`.",
+        "(forward + cross-entropy + backward + SGD step); float32 unless a model name says `+bf16`; "
+        + ("glibc malloc keeps freed memory for reuse (`scripts.runtime.reuse_freed_cpu_memory`, the bundle's CPU "
+           "default) in the timings, the system allocator in the peak-memory subprocesses."
+           if st.get("cpu_memory_reuse") else "the system allocator's defaults."),
         "",
         "## Results",
         "",
@@ -950,6 +972,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/benchmarks", help="output folder")
     p.add_argument("--no-write", action="store_true", help="print the JSON instead of writing the outputs")
     p.add_argument("--render", metavar="RESULTS_JSON", help="only re-write the table, README and plots from a results.json")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="time with glibc's default malloc instead of scripts.runtime.reuse_freed_cpu_memory (CPU)")
     p.add_argument("--memory-case", nargs=3, metavar=("MODEL", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     return p
 
@@ -991,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         sliding_roi=args.sliding_roi, sliding_models=args.sliding_models, scaling_sizes=scaling,
         scaling_models=args.scaling_models, max_call_s=args.max_call_s,
         memory_models=args.memory_models if args.memory_models is not None else ["mambaclinix+naive"],
+        cpu_memory_reuse=not args.system_malloc,
     )
     command = "python -m scripts.benchmark" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(
         sys.argv[1:] if argv is None else argv))
