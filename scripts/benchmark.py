@@ -27,8 +27,10 @@ What is measured, per model and cubic patch edge:
   roi 64^3 on CPU, 96^3 on CUDA).
 - ``scaling``: forward latency against the patch edge and a least-squares fit of ``log t = a + k log edge``.
 
-On CPU the timings run with :func:`scripts.runtime.reuse_freed_cpu_memory` in effect, as the bundle's configs do
-(``--system-malloc`` turns it off); :mod:`scripts.bench_allocator` measures what it changes.
+The timings use the system allocator unless ``--cpu-memory-reuse`` applies :func:`scripts.runtime.reuse_freed_cpu_memory`
+(the bundle configs' CPU default) to the whole run. One process that holds a dozen networks and runs workloads of
+very different sizes is the worst case for a heap that never gives memory back: the full run with it was stopped
+by the OOM killer at 24 GB. :mod:`scripts.bench_allocator` measures the setting per network in fresh processes.
 
 Times are medians after ``--warmup`` runs; the repetitions are interleaved (round-robin over the models within
 each repetition) so that drift of a shared machine hits all models alike. Each timing also records the process
@@ -972,8 +974,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/benchmarks", help="output folder")
     p.add_argument("--no-write", action="store_true", help="print the JSON instead of writing the outputs")
     p.add_argument("--render", metavar="RESULTS_JSON", help="only re-write the table, README and plots from a results.json")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="time with glibc's default malloc instead of scripts.runtime.reuse_freed_cpu_memory (CPU)")
+    p.add_argument("--cpu-memory-reuse", action="store_true",
+                   help="time with scripts.runtime.reuse_freed_cpu_memory in effect (CPU; the process keeps its peak memory)")
     p.add_argument("--memory-case", nargs=3, metavar=("MODEL", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     return p
 
@@ -1015,7 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         sliding_roi=args.sliding_roi, sliding_models=args.sliding_models, scaling_sizes=scaling,
         scaling_models=args.scaling_models, max_call_s=args.max_call_s,
         memory_models=args.memory_models if args.memory_models is not None else ["mambaclinix+naive"],
-        cpu_memory_reuse=not args.system_malloc,
+        cpu_memory_reuse=args.cpu_memory_reuse,
     )
     command = "python -m scripts.benchmark" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(
         sys.argv[1:] if argv is None else argv))
