@@ -51,11 +51,11 @@ def reuse_freed_cpu_memory(enable: bool = True) -> bool:
     The setting holds for the rest of the process (and for worker processes it forks); it cannot be undone.
 
     Args:
-        enable: ``False`` does nothing (so a config can pass a hyper-parameter straight through).
+        enable: ``False`` changes nothing (so a config can pass a hyper-parameter straight through).
 
     Returns:
-        whether the setting is in effect (``False`` when disabled, or on a system without glibc, e.g. macOS,
-        Windows or musl, where nothing is changed).
+        whether the setting is in effect in this process: ``False`` on a system without glibc (e.g. macOS,
+        Windows or musl, where nothing is changed) and when neither this call nor an earlier one enabled it.
     """
     global _applied
     if not enable:
