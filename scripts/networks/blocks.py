@@ -29,6 +29,7 @@ __all__ = [
     "ResidualMambaLayer",
     "UpsampleBlock",
     "same_padding",
+    "step_runner",
 ]
 
 
@@ -118,6 +119,18 @@ def _call(fn, *args):
     return fn(*args)
 
 
+_checkpointed = functools.partial(checkpoint, use_reentrant=False)
+
+
+def step_runner(module: nn.Module):
+    """How ``module`` calls its sub-steps: through a non-reentrant checkpoint (only the step's output is kept, its
+    inside is recomputed in backward) when its ``gradient_checkpointing`` is on, it is training and gradients are
+    enabled; directly otherwise."""
+    if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+        return _checkpointed
+    return _call
+
+
 class ResidualBlock(nn.Module):
     """Residual block with two convolutions (nnU-Net's ``BasicBlockD``).
 
@@ -158,11 +171,8 @@ class ResidualBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # each convolution separately: only their outputs are kept, the norm/activation insides are recomputed
-            run = functools.partial(checkpoint, use_reentrant=False)
-            return self.act(run(self.conv2, run(self.conv1, x)) + (run(self.skip, x) if len(self.skip) else x))
-        return self.act(self.conv2(self.conv1(x)) + self.skip(x))
+        run = step_runner(self)  # with checkpointing, each convolution separately: norm/activation are recomputed
+        return self.act(run(self.conv2, run(self.conv1, x)) + (run(self.skip, x) if len(self.skip) else x))
 
 
 class ChannelLayerNorm(nn.Module):
@@ -298,10 +308,7 @@ class HGCNBlock(nn.Module):
         return self.hgconv(self.norm(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            run = functools.partial(checkpoint, use_reentrant=False)  # keep only the sub-steps' outputs
-        else:
-            run = _call
+        run = step_runner(self)
         h = run(self.stem, x)
         gamma = self.gamma.view((1, -1) + (1,) * (h.ndim - 2))
         if isinstance(self.drop_path, nn.Identity):  # one fused pass for h + gamma * hgconv(...)

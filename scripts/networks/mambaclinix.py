@@ -14,9 +14,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from .blocks import ChannelLayerNorm, ConvNormAct, HGCNBlock, ResidualBlock, ResidualMambaLayer, UpsampleBlock
+from .blocks import (
+    ChannelLayerNorm,
+    ConvNormAct,
+    HGCNBlock,
+    ResidualBlock,
+    ResidualMambaLayer,
+    UpsampleBlock,
+    step_runner,
+)
 from .conv import conv_layer
 
 __all__ = ["MambaClinix", "default_block_types", "default_hgcn_orders"]
@@ -216,9 +223,7 @@ class MambaClinix(nn.Module):
             )
 
     def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
-        if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return step_runner(self)(fn, *args)
 
     def _memory_format(self, x: torch.Tensor) -> torch.memory_format:
         use = self.channels_last if self.channels_last is not None else (x.ndim == 5 and x.device.type == "cpu")
