@@ -81,12 +81,11 @@ def _markdown(result: dict[str, Any]) -> str:
     for name, entry in result["models"].items():
         for setting in (*SETTINGS, "ratio_reuse_to_system"):
             v = entry["summary"].get(setting) or {}
-            digits = 3 if setting.startswith("ratio") else 2
-            cells = [f"{v[k]:.{digits}f}" if k in v else "-" for k in ("forward_s", "train_s")]
+            ratio = setting == "ratio_reuse_to_system"
+            cells = [f"{v[k]:.{3 if ratio else 2}f}" if k in v else "-" for k in ("forward_s", "train_s")]
             rss = v.get("train_peak_rss_mib")
-            cells.append("-" if rss is None else (f"{rss:.3f}" if setting.startswith("ratio") else f"{rss:.0f}"))
-            label = "reuse / system" if setting.startswith("ratio") else setting
-            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+            cells.append("-" if rss is None else f"{rss:.{3 if ratio else 0}f}")
+            lines.append(f"| {name} | {'reuse / system' if ratio else setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -392,10 +392,9 @@ def _memory_case(name: str, size: int, train_batch: int, device: torch.device) -
     runner = _Runner(name, device, train_batch)
     fwd, step = runner.forward(size), runner.train_step(size)
     out: dict[str, float] = {}
-    for key, fn in (("forward", fwd), ("warmup", step), ("train", step)):
-        if key == "warmup":  # one step first: the optimizer state then belongs to the baseline, as in training
+    for key, fn in (("forward", fwd), ("train", step)):
+        if key == "train":  # one step first: the optimizer state then belongs to the baseline, as in training
             fn()
-            continue
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
