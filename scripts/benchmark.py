@@ -373,13 +373,18 @@ def _status_mib(field: str) -> float | None:
 
 
 def _reset_peak_rss() -> float:
-    """Reset the peak RSS (Linux ``clear_refs`` 5) and return the current RSS in MiB, the new baseline."""
+    """Reset the peak RSS (Linux ``clear_refs`` 5) and return the new baseline in MiB.
+
+    The baseline is the reset peak itself (``VmHWM`` right after the reset, i.e. the RSS the kernel recorded then),
+    not a separate ``VmRSS`` read: the kernel's RSS counters are synchronised lazily, so a later ``VmRSS`` read can
+    exceed the recorded peak by a fraction of a MiB and make a small growth look negative.
+    """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:  # not Linux: fall back to the lifetime peak (ru_maxrss, KiB on Linux, bytes on macOS)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return _status_mib("VmRSS") or 0.0
+    return _status_mib("VmHWM") or _status_mib("VmRSS") or 0.0
 
 
 def _peak_rss_mib() -> float:
