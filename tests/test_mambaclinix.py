@@ -9,7 +9,7 @@ import torch
 from parameterized import parameterized
 
 from scripts.networks import MambaClinix, default_block_types, default_hgcn_orders
-from scripts.networks.blocks import ChannelLayerNorm, HgConv, HGCNBlock, ResidualMambaLayer
+from scripts.networks.blocks import ChannelLayerNorm, HgConv, HGCNBlock, ResidualMambaLayer, UpsampleBlock
 
 TINY = {"features": (8, 16, 16, 32), "strides": (1, 2, 2, 2), "drop_path_rate": 0.1}
 
@@ -160,6 +160,29 @@ class TestBlocks(unittest.TestCase):
         x = torch.randn(2, 6, 3, 4, 5)
         expected = ref(x.movedim(1, -1)).movedim(-1, 1)
         torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+
+    @parameterized.expand(
+        [(dims, scale, cl) for dims in (2, 3) for scale in (2, (1, 2, 2)[-dims:], 1) for cl in (False, True)]
+    )
+    def test_upsample_block_equals_upsample_then_conv(self, dims, scale, channels_last):
+        """Convolving first on the coarse map gives what the paper's order (up-sample, then 1x1 conv) gives."""
+        torch.manual_seed(0)
+        block = UpsampleBlock(dims, 8, 4, scale)
+        x = torch.randn(2, 8, *(3,) * dims)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
+        x_ref = x.clone().requires_grad_(True)
+        conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
+        factor = (scale,) * dims if isinstance(scale, int) else scale
+        expected = conv(torch.nn.functional.interpolate(x_ref, scale_factor=factor, mode="nearest"), block.conv.weight, block.conv.bias)
+        y = block(x.requires_grad_(True))
+        self.assertEqual(y.shape, (2, 4, *(3 * f for f in factor)))
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+        weight = torch.randn_like(y)
+        grads = torch.autograd.grad((y * weight).sum(), [x, block.conv.weight])
+        grads_ref = torch.autograd.grad((expected * weight).sum(), [x_ref, block.conv.weight])
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
 
     @parameterized.expand([(2, 1), (2, 3), (3, 2), (3, 4)])
     def test_hgconv_recursion(self, dims, order):

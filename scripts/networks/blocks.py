@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from torch.utils.checkpoint import checkpoint
-from monai.networks.layers.factories import Pool
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
 from .conv import conv_layer
 from .mamba import Mamba
+from .pooling import StrideAvgPool
 
 __all__ = [
     "ConvNormAct",
@@ -163,7 +163,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, kernel_size, 1, norm, None)
         skip: list[nn.Module] = []
         if any(s != 1 for s in stride_t):
-            skip.append(Pool[Pool.AVG, spatial_dims](kernel_size=stride_t, stride=stride_t, ceil_mode=True))
+            skip.append(StrideAvgPool(spatial_dims, stride_t))
         if in_channels != out_channels:
             skip.append(ConvNormAct(spatial_dims, in_channels, out_channels, 1, 1, norm, None))
         self.skip = nn.Sequential(*skip)
@@ -374,6 +374,10 @@ class ResidualMambaLayer(nn.Module):
 class UpsampleBlock(nn.Module):
     """Nearest-neighbour up-sampling by a stage stride followed by a 1x1 convolution.
 
+    The two commute exactly (every output voxel is the 1x1 convolution of its nearest source voxel), so the block
+    convolves first, on the coarse map, and up-samples the result: ``prod(scale_factor)`` times fewer convolution
+    FLOPs, and the up-sampling copies ``out_channels`` instead of ``in_channels`` channels.
+
     Args:
         spatial_dims: number of spatial dimensions.
         in_channels: input channels.
@@ -389,6 +393,7 @@ class UpsampleBlock(nn.Module):
         self.conv = conv_layer(spatial_dims)(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
         if any(s != 1.0 for s in self.scale_factor):
             x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
-        return self.conv(x)
+        return x

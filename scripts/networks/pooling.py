@@ -1,0 +1,95 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Average pooling by a stride that keeps ``channels_last_3d`` tensors in their layout.
+
+PyTorch's CPU ``avg_pool3d`` has no channels-last kernel: a ``channels_last_3d`` input is copied to channels-first,
+pooled, and the result handed back channels-first, so the next layers convert it again. On a ``32 x 64^3`` map the
+copy costs about ten times the pooling itself (``docs/benchmarks/optimizations.md``). :class:`StrideAvgPool` pools
+such inputs without leaving their layout: depth by adding strided slices, height and width with the channels-last
+``avg_pool2d`` kernel. Other inputs take the standard ``avg_pool`` path; the results are the same up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["StrideAvgPool", "stride_avg_pool"]
+
+
+def _channels_last_3d(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 5D tensor whose ``(N, D, H, W, C)`` permutation is contiguous (channels-last memory)."""
+    return x.ndim == 5 and x.permute(0, 2, 3, 4, 1).is_contiguous()
+
+
+def _pool_channels_last_3d(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:
+    """Average over non-overlapping ``stride`` windows of a channels-last 5D tensor whose size divides by it."""
+    n, c, d, h, w = x.shape
+    sd, sh, sw = stride
+    y = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C), a contiguous view
+    if sd > 1:  # sum the sd slices of each depth window: contiguous (N, D / sd, H, W, C)
+        y = functools.reduce(torch.add, y.reshape(n, d // sd, sd, h, w, c).unbind(2))
+    planes = y.reshape(n * (d // sd), h, w, c).permute(0, 3, 1, 2)  # channels-last 2D view (N * D', C, H, W)
+    if sh * sw > 1:
+        planes = F.avg_pool2d(planes, (sh, sw), (sh, sw), divisor_override=sd * sh * sw)
+    else:
+        planes = planes / sd
+    pooled = planes.permute(0, 2, 3, 1).reshape(n, d // sd, h // sh, w // sw, c)
+    return pooled.permute(0, 4, 1, 2, 3)  # (N, C, D', H', W') on channels-last memory
+
+
+def stride_avg_pool(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """``avg_pool{2,3}d(x, kernel_size=stride, stride=stride, ceil_mode=True)``, channels-last 3D inputs kept so.
+
+    Args:
+        x: a ``(N, C, *spatial)`` tensor with 2 or 3 spatial dims.
+        stride: window and stride per spatial axis.
+
+    Raises:
+        ValueError: when ``x`` is not 4D/5D or ``stride`` does not have one positive value per spatial axis.
+    """
+    if x.ndim not in (4, 5):
+        raise ValueError(f"expected a (N, C, *spatial) input with 2 or 3 spatial dims, got shape {tuple(x.shape)}.")
+    stride_t = tuple(int(s) for s in stride)
+    if len(stride_t) != x.ndim - 2 or any(s < 1 for s in stride_t):
+        raise ValueError(f"stride needs one positive value per spatial axis ({x.ndim - 2}), got {tuple(stride)}.")
+    if all(s == 1 for s in stride_t):
+        return x
+    if _channels_last_3d(x) and all(size % s == 0 for size, s in zip(x.shape[2:], stride_t)):
+        return _pool_channels_last_3d(x, stride_t)  # type: ignore[arg-type]
+    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
+    return pool(x, kernel_size=stride_t, stride=stride_t, ceil_mode=True)
+
+
+class StrideAvgPool(nn.Module):
+    """Average pooling with the window equal to the stride (ceil mode), as the skip path of a strided block.
+
+    Computes what ``Pool[Pool.AVG, spatial_dims](kernel_size=stride, stride=stride, ceil_mode=True)`` computes;
+    ``channels_last_3d`` inputs whose size divides by the stride stay channels-last and are not copied.
+
+    Args:
+        spatial_dims: number of spatial dimensions (2 or 3).
+        stride: window and stride, an int or one value per axis.
+    """
+
+    def __init__(self, spatial_dims: int, stride: int | Sequence[int]) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        stride_t = (int(stride),) * spatial_dims if isinstance(stride, int) else tuple(int(s) for s in stride)
+        if len(stride_t) != spatial_dims or any(s < 1 for s in stride_t):
+            raise ValueError(f"stride needs one positive value per spatial axis ({spatial_dims}), got {stride}.")
+        self.spatial_dims = spatial_dims
+        self.stride = stride_t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(f"expected a (N, C, *spatial) input with {self.spatial_dims} spatial dims, got {tuple(x.shape)}.")
+        return stride_avg_pool(x, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}, stride={self.stride}"
