@@ -61,21 +61,27 @@ def latency_plot(result: dict[str, Any], key: str = "forward") -> Any | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(result["models"])
-    sizes = sorted({int(s) for m in result["models"].values() for s, e in m["sizes"].items() if "median_s" in e.get(key, {})})
+    def timed(m: dict[str, Any]) -> list[int]:
+        return [int(s) for s, e in m["sizes"].items() if "median_s" in e.get(key, {})]
+
+    models = [name for name, m in result["models"].items() if timed(m)]  # memory-only models have no bar
+    sizes = sorted({s for name in models for s in timed(result["models"][name])})
     if not sizes:
         return None
+    # one distinct colour per model: tab10 repeats after 10 models, so use tab20 (then a sampled map) beyond that
+    cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20" if len(models) <= 20 else "turbo")
+    colours = [cmap(i) for i in range(len(models))] if len(models) <= 20 else [cmap(i / (len(models) - 1)) for i in range(len(models))]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(sizes) / 2), 4))
     width = 0.8 / len(models)
     for i, name in enumerate(models):
         vals = [result["models"][name]["sizes"].get(str(s), {}).get(key, {}).get("median_s", np.nan) for s in sizes]
-        ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=name)
+        ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=name, color=colours[i])
     ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{s}^3" for s in sizes])
     ax.set_ylabel(f"{'forward' if key == 'forward' else 'training step'} latency (s)")
     ax.set_yscale("log")
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: no bar hidden
     return fig
 
 

@@ -21,6 +21,8 @@ What is measured, per model and cubic patch edge:
   phase) is reported, absolute and above the RSS just before the phase (model, optimizer and inputs built); on CUDA
   ``torch.cuda.max_memory_allocated`` after a reset. The training step measured is the second one: the first
   (warm-up) step creates the optimizer's momentum buffers, which then count in the baseline as in a running training.
+  On CPU also ``*_tensor_peak_mib``: the peak of the memory held by the tensors a further call allocates, from
+  PyTorch's allocation events (:func:`peak_tensor_mib`), which does not depend on the C allocator.
 - ``gflops_per_s``: ``flops.total / forward_s``, compared with the machine's measured dense fp32 matmul peak and
   dense 3D-convolution throughput (``peaks``), and the FLOP-proportional time ``flops.total / conv throughput``.
 - ``sliding_window_s``: :class:`monai.inferers.SlidingWindowInferer` over a ``1 x 1 x 160^3`` volume (overlap 0.5,
@@ -78,6 +80,7 @@ __all__ = [
     "main",
     "measure_memory",
     "measure_peaks",
+    "peak_tensor_mib",
     "run_benchmark",
     "run_module_json",
     "size_divisor",
@@ -392,8 +395,39 @@ def _peak_rss_mib() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_tensor_mib(fn: Callable[[], Any]) -> float:
+    """Peak growth (MiB) of the CPU memory held by tensors while ``fn()`` runs, from PyTorch's allocation events.
+
+    ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of PyTorch's CPU allocator; their
+    running sum in time order is the memory held by the tensors allocated during ``fn`` (activations, gradients,
+    temporaries), whatever the C allocator keeps or returns to the system. This is the CPU counterpart of
+    ``torch.cuda.max_memory_allocated`` and, unlike the RSS, gives the same figure on every run. Memory allocated
+    before the call and freed during it is not subtracted (the profiler does not know its size), so callers free
+    what they can first (e.g. ``zero_grad(set_to_none=True)``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
+
+
 def _memory_case(name: str, size: int, train_batch: int, device: torch.device) -> dict[str, float]:
-    """Peak memory (MiB) of a forward pass, then of a training step (the second one), in this process."""
+    """Peak memory (MiB) of a forward pass, then of a training step (the second one), in this process.
+
+    On CPU the RSS figures come first (an unprofiled call), then ``*_tensor_peak_mib`` from one more, profiled call
+    (:func:`peak_tensor_mib`; for the training step after ``zero_grad(set_to_none=True)``, so that the step's
+    gradients count as allocated by it).
+    """
     runner = _Runner(name, device, train_batch)
     fwd, step = runner.forward(size), runner.train_step(size)
     out: dict[str, float] = {}
@@ -411,6 +445,8 @@ def _memory_case(name: str, size: int, train_batch: int, device: torch.device) -
             base = _reset_peak_rss()
             fn()
             peak = _peak_rss_mib()
+            runner.optimizer.zero_grad(set_to_none=True)
+            out[f"{key}_tensor_peak_mib"] = peak_tensor_mib(fn)
         out[f"{key}_baseline_mib"] = base
         out[f"{key}_peak_mib"] = peak
         out[f"{key}_delta_mib"] = peak - base
@@ -771,8 +807,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     batch = result["settings"]["train_batch"]
     lines = [
         f"| model | params (M) | patch | GFLOPs fwd (counted + scan) | forward (s) | train step b{batch} (s) "
-        "| GFLOP/s | % matmul peak | fwd / FLOP-prop. | peak mem fwd / train (MiB) | sliding 160^3 (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GFLOP/s | % matmul peak | fwd / FLOP-prop. | peak mem fwd / train (MiB) | tensors fwd / train (MiB) "
+        "| sliding 160^3 (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["models"].items():
         for size, e in sorted(m["sizes"].items(), key=lambda kv: int(kv[0])):
@@ -782,13 +819,18 @@ def markdown_table(result: dict[str, Any]) -> str:
             fwd, tr, mem = e.get("forward", {}), e.get("train", {}), e.get("memory", {})
             flops_s = "-" if math.isnan(fl["total"]) else f"{fl['total'] / 1e9:.1f} ({fl['counted'] / 1e9:.1f} + {fl['scan'] / 1e9:.2f})"
             mem_s = "-" if not mem or "error" in mem else f"{mem['forward_delta_mib']:.0f} / {mem['train_delta_mib']:.0f}"
+            tensors_s = (
+                f"{mem['forward_tensor_peak_mib']:.0f} / {mem['train_tensor_peak_mib']:.0f}"
+                if "train_tensor_peak_mib" in mem
+                else "-"
+            )
             sw = sliding.get(name, {}).get("median_s") if size == str(result.get("settings", {}).get("sizes", [0])[0]) else None
             lines.append(
                 f"| {name} | {m['params'] / 1e6:.2f} | {size}^3 | {flops_s} | {_fmt(fwd.get('median_s'))}"
                 f"{' (' + fwd['skipped'] + ')' if 'skipped' in fwd else ''} | {_fmt(tr.get('median_s'))} "
                 f"| {_fmt(fwd.get('gflops_per_s'), 1)} "
                 f"| {_fmt(100 * fwd['fraction_of_matmul_peak'] if 'fraction_of_matmul_peak' in fwd else None, 0)} "
-                f"| {_fmt(fwd.get('ratio_to_flop_proportional'))} | {mem_s} | {_fmt(sw, 1)} |"
+                f"| {_fmt(fwd.get('ratio_to_flop_proportional'))} | {mem_s} | {tensors_s} | {_fmt(sw, 1)} |"
             )
     if peaks:
         lines.append("")
@@ -860,15 +902,16 @@ def _targets(result: dict[str, Any]) -> list[str]:
                 f"{ratio:.2f} (best-layout throughput); target <= 1.1: {'met' if ratio <= 1.1 else 'not met'}."
                 + (f" Against the channels-first (PyTorch default) throughput: {cf_ratio:.2f}." if cf_ratio else "")
             )
-        naive = get("mambaclinix+naive", size, "memory", "train_delta_mib")
-        for variant, label in (("mambaclinix", "chunked scan"), ("mambaclinix+ckpt", "chunked scan + gradient_checkpointing")):
-            mem = get(variant, size, "memory", "train_delta_mib")
-            if mem and naive:
-                lines.append(
-                    f"- Training-step peak memory {size}^3 (batch {result['settings']['train_batch']}): {label} "
-                    f"{mem:.0f} MiB vs naive per-step scan {naive:.0f} MiB = {mem / naive:.2f}; target <= 0.5: "
-                    f"{'met' if mem / naive <= 0.5 else 'not met'}."
-                )
+        for key, what in (("train_delta_mib", "peak memory (RSS growth)"), ("train_tensor_peak_mib", "peak tensor memory")):
+            naive = get("mambaclinix+naive", size, "memory", key)
+            for variant, label in (("mambaclinix", "chunked scan"), ("mambaclinix+ckpt", "chunked scan + gradient_checkpointing")):
+                mem = get(variant, size, "memory", key)
+                if mem and naive:
+                    lines.append(
+                        f"- Training-step {what} {size}^3 (batch {result['settings']['train_batch']}): {label} "
+                        f"{mem:.0f} MiB vs naive per-step scan {naive:.0f} MiB = {mem / naive:.2f}; target <= 0.5: "
+                        f"{'met' if mem / naive <= 0.5 else 'not met'}."
+                    )
     return ["## Targets", "", *lines, ""] if lines else []
 
 
@@ -915,6 +958,10 @@ def _readme(result: dict[str, Any], table: str, images: list[str], out_dir: str)
         "throughput). Peak memory: growth of the peak RSS (VmHWM, reset before each phase) over the RSS just before the phase (model, "
         "optimizer and inputs built) in a fresh process on CPU, `torch.cuda.max_memory_allocated` on CUDA; the train column is the second "
         "training step (after one warm-up step, so the optimizer's momentum buffers are in the baseline, as in a running training). "
+        "The RSS depends on how much freed memory the C allocator keeps, so it varies by tens of MiB between runs. Tensors "
+        "(CPU): the peak of the memory held by the tensors allocated during the phase, summed from PyTorch's allocation "
+        "events (`torch.profiler`, `profile_memory=True`) in one more call, the same on every run; for the training step "
+        "it includes the step's gradients (allocated after `zero_grad(set_to_none=True)`). "
         "Sliding window: `monai.inferers.SlidingWindowInferer` on a 1x1x160^3 volume, overlap 0.5, "
         f"roi {result.get('sliding_window', {}).get('roi', '-')}^3, sw_batch_size 1 (shown on the first patch-size row).",
         "",

@@ -12,7 +12,15 @@ import torch
 from parameterized import parameterized
 
 from scripts import bench_allocator
-from scripts.benchmark import build_model, count_flops, fit_exponent, run_benchmark, size_divisor, write_outputs
+from scripts.benchmark import (
+    build_model,
+    count_flops,
+    fit_exponent,
+    peak_tensor_mib,
+    run_benchmark,
+    size_divisor,
+    write_outputs,
+)
 
 
 class TestBenchmark(unittest.TestCase):
@@ -38,6 +46,10 @@ class TestBenchmark(unittest.TestCase):
             self.assertGreater(e["memory"]["train_peak_mib"], 0)
             # a toy step may reuse what the warm-up step freed, so its growth can be ~0, never below the baseline
             self.assertGreaterEqual(e["memory"]["train_peak_mib"], e["memory"]["train_baseline_mib"])
+            # tensor accounting: at least the step's gradients (float32 parameters) are allocated during the step
+            params_mib = sum(p.numel() for p in build_model(name).parameters()) * 4 / 2**20
+            self.assertGreater(e["memory"]["train_tensor_peak_mib"], params_mib)
+            self.assertGreater(e["memory"]["forward_tensor_peak_mib"], 0)
         # the analytic scan count is added for the Mamba stages only
         self.assertGreater(result["models"]["mambaclinix_demo"]["sizes"]["32"]["flops"]["scan"], 0)
         self.assertEqual(result["models"]["segresnet"]["sizes"]["32"]["flops"]["scan"], 0)
@@ -55,6 +67,19 @@ class TestBenchmark(unittest.TestCase):
             self.assertIn("| mambaclinix_demo |", text)
             self.assertIn(result["machine"]["torch"], text)
             self.assertEqual([f for f in os.listdir(tmp) if f.startswith(".tmp_")], [])
+
+    def test_peak_tensor_mib_counts_allocations_and_frees(self):
+        mib = 2**20 // 4  # float32 elements in one MiB
+
+        def work():
+            a = torch.empty(2 * mib)
+            b = torch.empty(3 * mib)
+            del a
+            c = torch.empty(1 * mib)  # held: 3 + 1 = 4 MiB, below the earlier 5 MiB
+            return b.sum() + c.sum()
+
+        self.assertAlmostEqual(peak_tensor_mib(work), 5.0, delta=0.01)
+        self.assertAlmostEqual(peak_tensor_mib(lambda: None), 0.0)
 
     def test_scan_flops_scale_with_tokens(self):
         model = build_model("mambaclinix_demo")
