@@ -395,7 +395,7 @@ def _peak_rss_mib() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def peak_tensor_mib(fn: Callable[[], Any]) -> float:
+def peak_tensor_mib(fn: Callable[[], Any]) -> float | None:
     """Peak growth (MiB) of the CPU memory held by tensors while ``fn()`` runs, from PyTorch's allocation events.
 
     ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of PyTorch's CPU allocator; their
@@ -404,14 +404,20 @@ def peak_tensor_mib(fn: Callable[[], Any]) -> float:
     ``torch.cuda.max_memory_allocated`` and, unlike the RSS, gives the same figure on every run. Memory allocated
     before the call and freed during it is not subtracted (the profiler does not know its size), so callers free
     what they can first (e.g. ``zero_grad(set_to_none=True)``).
+
+    Returns ``None`` (after running ``fn``) where this PyTorch build does not expose the raw profiler events.
     """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    results = getattr(prof.profiler, "kineto_results", None)  # the raw events (PyTorch 2.x with Kineto)
+    if results is None or not hasattr(results, "events"):
+        logger.warning("torch.profiler exposes no raw allocation events here: no tensor-memory figure.")
+        return None
     events = sorted(
         (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        for e in results.events()
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     )
     held = peak = 0
@@ -446,7 +452,9 @@ def _memory_case(name: str, size: int, train_batch: int, device: torch.device) -
             fn()
             peak = _peak_rss_mib()
             runner.optimizer.zero_grad(set_to_none=True)
-            out[f"{key}_tensor_peak_mib"] = peak_tensor_mib(fn)
+            tensors = peak_tensor_mib(fn)
+            if tensors is not None:
+                out[f"{key}_tensor_peak_mib"] = tensors
         out[f"{key}_baseline_mib"] = base
         out[f"{key}_peak_mib"] = peak
         out[f"{key}_delta_mib"] = peak - base

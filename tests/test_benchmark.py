@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
 from parameterized import parameterized
@@ -80,6 +81,24 @@ class TestBenchmark(unittest.TestCase):
 
         self.assertAlmostEqual(peak_tensor_mib(work), 5.0, delta=0.01)
         self.assertAlmostEqual(peak_tensor_mib(lambda: None), 0.0)
+
+    def test_peak_tensor_mib_without_raw_events(self):
+        class NoEvents:  # a profiler whose build exposes no raw events
+            profiler = object()
+
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        calls = []
+        with mock.patch("torch.profiler.profile", NoEvents), self.assertLogs("scripts.benchmark", "WARNING"):
+            self.assertIsNone(peak_tensor_mib(lambda: calls.append(1)))
+        self.assertEqual(calls, [1])  # the work itself still ran
 
     def test_scan_flops_scale_with_tokens(self):
         model = build_model("mambaclinix_demo")
