@@ -70,7 +70,10 @@ def latency_plot(result: dict[str, Any], key: str = "forward") -> Any | None:
         return None
     # one distinct colour per model: tab10 repeats after 10 models, so use tab20 (then a sampled map) beyond that
     cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20" if len(models) <= 20 else "turbo")
-    colours = [cmap(i) for i in range(len(models))] if len(models) <= 20 else [cmap(i / (len(models) - 1)) for i in range(len(models))]
+    if len(models) <= 20:
+        colours = [cmap(i) for i in range(len(models))]
+    else:
+        colours = [cmap(i / (len(models) - 1)) for i in range(len(models))]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(sizes) / 2), 4))
     width = 0.8 / len(models)
     for i, name in enumerate(models):

@@ -174,7 +174,8 @@ class TestBlocks(unittest.TestCase):
         x_ref = x.clone().requires_grad_(True)
         conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
         factor = (scale,) * dims if isinstance(scale, int) else scale
-        expected = conv(torch.nn.functional.interpolate(x_ref, scale_factor=factor, mode="nearest"), block.conv.weight, block.conv.bias)
+        upsampled = torch.nn.functional.interpolate(x_ref, scale_factor=factor, mode="nearest")
+        expected = conv(upsampled, block.conv.weight, block.conv.bias)
         y = block(x.requires_grad_(True))
         self.assertEqual(y.shape, (2, 4, *(3 * f for f in factor)))
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

@@ -88,7 +88,9 @@ class StrideAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2:
-            raise ValueError(f"expected a (N, C, *spatial) input with {self.spatial_dims} spatial dims, got {tuple(x.shape)}.")
+            raise ValueError(
+                f"expected a (N, C, *spatial) input with {self.spatial_dims} spatial dims, got {tuple(x.shape)}."
+            )
         return stride_avg_pool(x, self.stride)
 
     def extra_repr(self) -> str:
