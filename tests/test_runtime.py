@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -13,7 +12,8 @@ import unittest
 
 from parameterized import parameterized
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.utils import ROOT, env_with_root
+
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # allocate, touch and free 256 MiB in one block; report the RSS the process keeps afterwards
@@ -40,9 +40,9 @@ PROBE = textwrap.dedent(
 
 
 def _probe(*calls: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *map(str, calls)], capture_output=True, text=True, cwd=ROOT, env=env, check=True
+        [sys.executable, "-c", PROBE, *map(str, calls)],
+        capture_output=True, text=True, cwd=ROOT, env=env_with_root(), check=True,
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
