@@ -222,9 +222,6 @@ class MambaClinix(nn.Module):
                 "strides per axis); pad or crop the input, e.g. with monai.transforms.DivisiblePad."
             )
 
-    def _run(self, fn, *args: torch.Tensor) -> torch.Tensor:
-        return step_runner(self)(fn, *args)
-
     def _memory_format(self, x: torch.Tensor) -> torch.memory_format:
         use = self.channels_last if self.channels_last is not None else (x.ndim == 5 and x.device.type == "cpu")
         if not use:
@@ -244,18 +241,19 @@ class MambaClinix(nn.Module):
             # stride: give it the channels-last strides (a free view) so that the stem writes channels-last output
             spatial = int(np.prod(x.shape[2:]))
             x = x.as_strided(x.shape, (spatial, 1, *x.stride()[2:]))
-        h = self._run(self.stem, x).contiguous(memory_format=memory_format)
+        run = step_runner(self)  # with gradient_checkpointing: one checkpoint per block
+        h = run(self.stem, x).contiguous(memory_format=memory_format)
         skips = []
         for stage in self.encoder:
             for block in stage:  # checkpointed block by block: the recomputation peak stays one block's
-                h = self._run(block, h)
+                h = run(block, h)
             skips.append(h)
-        h = self._run(self.bottleneck, skips[-1])
+        h = run(self.bottleneck, skips[-1])
         outputs = []
         last = len(self.heads) - 1
         for i, head in enumerate(self.heads):
-            up, skip = self._run(self.up[i], h), self._run(self.skip_blocks[i], skips[-(i + 2)])
-            h = self._run(functools.partial(self._fuse, i), up, skip)
+            up, skip = run(self.up[i], h), run(self.skip_blocks[i], skips[-(i + 2)])
+            h = run(functools.partial(self._fuse, i), up, skip)
             if (self.deep_supervision and self.training) or i == last:
                 outputs.append(head(h).contiguous())
         if self.deep_supervision and self.training:
