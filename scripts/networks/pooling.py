@@ -42,27 +42,42 @@ def _pool_channels_last_3d(x: torch.Tensor, stride: tuple[int, int, int]) -> tor
     return pooled.permute(0, 4, 1, 2, 3)  # (N, C, D', H', W') on channels-last memory
 
 
-def stride_avg_pool(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+def _stride_tuple(stride: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """``stride`` as one positive int per spatial axis (``ValueError`` otherwise)."""
+    stride_t = (int(stride),) * spatial_dims if isinstance(stride, int) else tuple(int(s) for s in stride)
+    if len(stride_t) != spatial_dims or any(s < 1 for s in stride_t):
+        raise ValueError(f"stride needs one positive value per spatial axis ({spatial_dims}), got {stride}.")
+    return stride_t
+
+
+def _pool(x: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """The pooling itself, for an input and a stride already checked against each other."""
+    if all(s == 1 for s in stride):
+        return x
+    if _channels_last_3d(x) and all(size % s == 0 for size, s in zip(x.shape[2:], stride)):
+        return _pool_channels_last_3d(x, stride)  # type: ignore[arg-type]
+    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
+    return pool(x, kernel_size=stride, stride=stride, ceil_mode=True)
+
+
+def _check_rank(x: torch.Tensor, spatial_dims: int | None = None) -> None:
+    if x.ndim not in (4, 5) or (spatial_dims is not None and x.ndim != spatial_dims + 2):
+        dims = "2 or 3" if spatial_dims is None else str(spatial_dims)
+        raise ValueError(f"expected a (N, C, *spatial) input with {dims} spatial dims, got shape {tuple(x.shape)}.")
+
+
+def stride_avg_pool(x: torch.Tensor, stride: int | Sequence[int]) -> torch.Tensor:
     """``avg_pool{2,3}d(x, kernel_size=stride, stride=stride, ceil_mode=True)``, channels-last 3D inputs kept so.
 
     Args:
         x: a ``(N, C, *spatial)`` tensor with 2 or 3 spatial dims.
-        stride: window and stride per spatial axis.
+        stride: window and stride, an int or one value per spatial axis.
 
     Raises:
         ValueError: when ``x`` is not 4D/5D or ``stride`` does not have one positive value per spatial axis.
     """
-    if x.ndim not in (4, 5):
-        raise ValueError(f"expected a (N, C, *spatial) input with 2 or 3 spatial dims, got shape {tuple(x.shape)}.")
-    stride_t = tuple(int(s) for s in stride)
-    if len(stride_t) != x.ndim - 2 or any(s < 1 for s in stride_t):
-        raise ValueError(f"stride needs one positive value per spatial axis ({x.ndim - 2}), got {tuple(stride)}.")
-    if all(s == 1 for s in stride_t):
-        return x
-    if _channels_last_3d(x) and all(size % s == 0 for size, s in zip(x.shape[2:], stride_t)):
-        return _pool_channels_last_3d(x, stride_t)  # type: ignore[arg-type]
-    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
-    return pool(x, kernel_size=stride_t, stride=stride_t, ceil_mode=True)
+    _check_rank(x)
+    return _pool(x, _stride_tuple(stride, x.ndim - 2))
 
 
 class StrideAvgPool(nn.Module):
@@ -80,18 +95,12 @@ class StrideAvgPool(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-        stride_t = (int(stride),) * spatial_dims if isinstance(stride, int) else tuple(int(s) for s in stride)
-        if len(stride_t) != spatial_dims or any(s < 1 for s in stride_t):
-            raise ValueError(f"stride needs one positive value per spatial axis ({spatial_dims}), got {stride}.")
         self.spatial_dims = spatial_dims
-        self.stride = stride_t
+        self.stride = _stride_tuple(stride, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != self.spatial_dims + 2:
-            raise ValueError(
-                f"expected a (N, C, *spatial) input with {self.spatial_dims} spatial dims, got {tuple(x.shape)}."
-            )
-        return stride_avg_pool(x, self.stride)
+        _check_rank(x, self.spatial_dims)
+        return _pool(x, self.stride)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, stride={self.stride}"
