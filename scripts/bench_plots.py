@@ -69,11 +69,11 @@ def latency_plot(result: dict[str, Any], key: str = "forward") -> Any | None:
     if not sizes:
         return None
     # one distinct colour per model: tab10 repeats after 10 models, so use tab20 (then a sampled map) beyond that
-    cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20" if len(models) <= 20 else "turbo")
-    if len(models) <= 20:
-        colours = [cmap(i) for i in range(len(models))]
+    n = len(models)
+    if n <= 20:
+        colours = [plt.get_cmap("tab10" if n <= 10 else "tab20")(i) for i in range(n)]
     else:
-        colours = [cmap(i / (len(models) - 1)) for i in range(len(models))]
+        colours = [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(sizes) / 2), 4))
     width = 0.8 / len(models)
     for i, name in enumerate(models):
