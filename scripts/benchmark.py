@@ -451,7 +451,8 @@ def _memory_case(name: str, size: int, train_batch: int, device: torch.device) -
             base = _reset_peak_rss()
             fn()
             peak = _peak_rss_mib()
-            runner.optimizer.zero_grad(set_to_none=True)
+            if key == "train":  # the profiled step then allocates its gradients afresh (no unknown-size frees)
+                runner.optimizer.zero_grad(set_to_none=True)
             tensors = peak_tensor_mib(fn)
             if tensors is not None:
                 out[f"{key}_tensor_peak_mib"] = tensors
