@@ -10,7 +10,7 @@ import torch.nn as nn
 from parameterized import parameterized
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.networks.conv import OneDNNConv2d, OneDNNConv3d, _use_onednn, conv_layer
+from scripts.networks.conv import OneDNNConv2d, OneDNNConv3d, _bf16_depth2_weight_grad, _use_onednn, conv_layer
 
 CASES = []
 for dims in (2, 3):
@@ -76,6 +76,52 @@ class TestOneDNNConv(unittest.TestCase):
     def test_bad_spatial_dims(self):
         with self.assertRaisesRegex(ValueError, "spatial_dims must be 2 or 3"):
             conv_layer(1)
+
+
+BF16_CASES = [
+    (shape, batch, mode)
+    for shape in ((2, 2, 2), (2, 8, 8), (4, 4, 4))  # depth 2 (oneDNN's faulty case) and a control
+    for batch in (1, 2)
+    for mode in ("autocast", "bf16_tensors")
+]
+
+
+class TestBFloat16DepthTwo(unittest.TestCase):
+    """bfloat16 3D convolutions on depth-2 inputs: oneDNN's weight gradient is wrong there (see scripts/networks/conv.py)."""
+
+    @parameterized.expand(BF16_CASES)
+    def test_gradients_match_float64(self, shape, batch, mode):
+        torch.manual_seed(0)
+        conv = OneDNNConv3d(32, 32, 3, padding=1)
+        x = torch.randn(batch, 32, *shape).bfloat16()
+        w = torch.randn(batch, 32, *shape).bfloat16()
+        # the reference: the same bfloat16-rounded values, float64 maths
+        weight64 = conv.weight.detach().bfloat16().double().requires_grad_(True)
+        x64 = x.double().requires_grad_(True)
+        y64 = torch.nn.functional.conv3d(x64, weight64, conv.bias.detach().bfloat16().double(), padding=1)
+        ref = [y64, *torch.autograd.grad((y64 * w.double()).sum(), [x64, weight64])]
+        if mode == "bf16_tensors":
+            conv = conv.bfloat16()
+        x_in = x.float().requires_grad_(True) if mode == "autocast" else x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            y = conv(x_in)
+        self.assertEqual(y.dtype, torch.bfloat16)
+        got = [y, *torch.autograd.grad((y * w).sum(), [x_in, conv.weight])]
+        for name, g, r in zip(("output", "input gradient", "weight gradient"), got, ref):
+            error = ((g.double() - r).abs().max() / r.abs().max()).item()
+            self.assertLess(error, 2e-2, f"{name}: relative error {error:.3g}")
+
+    def test_guard_rule(self):
+        conv = OneDNNConv3d(4, 4, 3, padding=1)
+        depth2 = torch.randn(1, 4, 2, 8, 8)
+        self.assertFalse(_bf16_depth2_weight_grad(depth2, conv.weight))  # float32: oneDNN is right
+        self.assertTrue(_bf16_depth2_weight_grad(depth2.bfloat16(), conv.weight))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            self.assertTrue(_bf16_depth2_weight_grad(depth2, conv.weight))
+            self.assertFalse(_bf16_depth2_weight_grad(torch.randn(1, 4, 3, 8, 8), conv.weight))
+            self.assertFalse(_bf16_depth2_weight_grad(torch.randn(1, 4, 8, 8), conv.weight))  # 2D
+            with torch.no_grad():  # no weight gradient: bfloat16 stays
+                self.assertFalse(_bf16_depth2_weight_grad(depth2, conv.weight))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ and fewer than ``20480`` elements in ``(N, C, D, H)`` goes to the native ``slow_
 3-8x slower than oneDNN would run them (``docs/benchmarks/README.md``). These subclasses of ``nn.Conv2d`` /
 ``nn.Conv3d`` call oneDNN directly in exactly those cases; the module, its parameters, state dict and maths are the
 standard ones, and every other case (CUDA, autocast, batches > 1, tracing, ``torch.compile``) takes PyTorch's own path.
+
+They also route around a oneDNN bug: in bfloat16 on CPU (autocast or bfloat16 tensors), the weight gradient of a 3D
+convolution whose input has a depth of 2 is wrong (relative error about 1, often inf/NaN from uninitialised
+memory; PyTorch 2.13.0+cpu, measured with 32+ channels; output and input gradient are right). Such convolutions,
+e.g. the 2^3 bottleneck of a 64^3 patch, run in float32 and give their result back in bfloat16.
 """
 
 from __future__ import annotations
@@ -38,10 +43,25 @@ def _use_onednn(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> bool:
     )
 
 
+def _bf16_depth2_weight_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a 3D convolution would compute its weight gradient with oneDNN's faulty bfloat16 depth-2 kernel."""
+    if x.ndim != 5 or x.shape[2] != 2 or x.device.type != "cpu" or not (weight.requires_grad and torch.is_grad_enabled()):
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast_bf16 or torch.bfloat16 in (x.dtype, weight.dtype)
+
+
 class _OneDNNForward:
-    """Mixin for ``nn.Conv2d`` / ``nn.Conv3d``: batch-1 float32 CPU inputs go straight to oneDNN."""
+    """Mixin for ``nn.Conv2d`` / ``nn.Conv3d``: batch-1 float32 CPU inputs go straight to oneDNN; bfloat16
+    depth-2 3D inputs on CPU are convolved in float32 (see the module docstring)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _bf16_depth2_weight_grad(input, weight):
+            with torch.autocast("cpu", enabled=False):
+                out = super()._conv_forward(  # type: ignore[misc]
+                    input.float(), weight.float(), None if bias is None else bias.float()
+                )
+            return out.to(torch.bfloat16)
         if _use_onednn(self, input):  # type: ignore[arg-type]
             return torch.ops.aten.mkldnn_convolution(
                 input, weight, bias, self.padding, self.stride, self.dilation, self.groups  # type: ignore[attr-defined]
