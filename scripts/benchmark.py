@@ -42,7 +42,7 @@ and the reason recorded.
 
 Model names may carry ``+`` options: ``+cl`` (channels_last_3d weights and input), ``+bf16`` (bfloat16 autocast),
 ``+compile`` (``torch.compile(dynamic=False)``), ``+freeze`` (the same with Inductor's ``freezing``: inference only); for the MambaClinix models also ``+cf`` (``channels_last=False``: channels-first
-memory, PyTorch's default; MambaClinix itself runs channels-last on CPU), ``+ckpt`` (``gradient_checkpointing``)
+memory, PyTorch's default; MambaClinix itself runs channels-last on CPU), ``+ckpt`` (``gradient_checkpointing=True``, by sub-step), ``+ckptblock`` (``gradient_checkpointing="block"``)
 and ``+naive`` / ``+chunked`` / ``+cuda`` (scan backend), e.g. ``mambaclinix+cf+bf16``.
 """
 
@@ -108,7 +108,7 @@ MODELS = {
 }
 """Base model names and what they build (in 1 channel, out 2 classes)."""
 
-OPTIONS = ("cl", "cf", "ckpt", "bf16", "compile", "freeze", "naive", "chunked", "cuda")
+OPTIONS = ("cl", "cf", "ckpt", "ckptblock", "bf16", "compile", "freeze", "naive", "chunked", "cuda")
 DEFAULT_MODELS = ("mambaclinix", "mambaclinix_demo", "umamba_bot", "dynunet", "swinunetr", "segresnet")
 SCALING_MODELS = ("mambaclinix", "swinunetr", "dynunet")
 
@@ -147,12 +147,15 @@ def build_model(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Mo
     base, opts = _parse_name(name)
     backend = next((o for o in ("naive", "chunked", "cuda") if o in opts), None)
     clinix = base.startswith("mambaclinix") or base == "umamba_bot"
-    for opt in [o for o in opts if o in ("naive", "chunked", "cuda", "ckpt", "cf")]:
+    for opt in [o for o in opts if o in ("naive", "chunked", "cuda", "ckpt", "ckptblock", "cf")]:
         if not clinix:
             raise ValueError(f"the option +{opt} applies to MambaClinix models only, not {base!r}.")
     if "cf" in opts and "cl" in opts:
         raise ValueError(f"+cf (channels-first) and +cl (channels-last) exclude each other in {name!r}.")
-    kwargs: dict[str, Any] = {"scan_backend": backend, "gradient_checkpointing": "ckpt" in opts}
+    if "ckpt" in opts and "ckptblock" in opts:
+        raise ValueError(f"+ckpt (by sub-step) and +ckptblock (by block) exclude each other in {name!r}.")
+    checkpointing = "block" if "ckptblock" in opts else "ckpt" in opts
+    kwargs: dict[str, Any] = {"scan_backend": backend, "gradient_checkpointing": checkpointing}
     if "cf" in opts:
         kwargs["channels_last"] = False
     if base == "mambaclinix":
@@ -913,7 +916,11 @@ def _targets(result: dict[str, Any]) -> list[str]:
             )
         for key, what in (("train_delta_mib", "peak memory (RSS growth)"), ("train_tensor_peak_mib", "peak tensor memory")):
             naive = get("mambaclinix+naive", size, "memory", key)
-            for variant, label in (("mambaclinix", "chunked scan"), ("mambaclinix+ckpt", "chunked scan + gradient_checkpointing")):
+            for variant, label in (
+                ("mambaclinix", "chunked scan"),
+                ("mambaclinix+ckpt", "chunked scan + gradient_checkpointing"),
+                ("mambaclinix+ckptblock", "chunked scan + gradient_checkpointing='block'"),
+            ):
                 mem = get(variant, size, "memory", key)
                 if mem and naive:
                     lines.append(

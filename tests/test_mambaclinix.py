@@ -72,13 +72,13 @@ class TestMambaClinixShapes(unittest.TestCase):
         net.train()(x).sum().backward()
         self.assertIsNotNone(x.grad)
 
-    @parameterized.expand([(False, 0.0), (True, 0.3)])
-    def test_checkpointing_matches(self, deep_supervision, drop_path_rate):
+    @parameterized.expand([(False, 0.0, True), (True, 0.3, True), (False, 0.0, "block"), (True, 0.3, "block")])
+    def test_checkpointing_matches(self, deep_supervision, drop_path_rate, mode):
         kwargs = {"features": (8, 16, 16), "strides": (1, 2, 2), "drop_path_rate": drop_path_rate,
                   "deep_supervision": deep_supervision}
         torch.manual_seed(1)
         a = MambaClinix(3, 1, 2, **kwargs)
-        b = MambaClinix(3, 1, 2, gradient_checkpointing=True, **kwargs)
+        b = MambaClinix(3, 1, 2, gradient_checkpointing=mode, **kwargs)
         b.load_state_dict(a.state_dict())
         x = torch.randn(1, 1, 8, 8, 8, requires_grad=True)
         outputs = []
@@ -102,7 +102,14 @@ class TestMambaClinixShapes(unittest.TestCase):
         net = MambaClinix(3, 1, 2, **TINY)
         blocks = [m for m in net.modules() if isinstance(m, (ResidualBlock, HGCNBlock))]
         self.assertTrue(blocks and not any(b.gradient_checkpointing for b in blocks))
+        net.gradient_checkpointing = "block"  # the network checkpoints whole blocks, the blocks not their steps
+        self.assertEqual(net.gradient_checkpointing, "block")
+        self.assertFalse(any(b.gradient_checkpointing for b in blocks))
+        for text, mode in (("false", False), ("True", "step"), ("Block", "block")):  # command-line overrides
+            net.gradient_checkpointing = text
+            self.assertEqual(net.gradient_checkpointing, mode)
         net.gradient_checkpointing = True
+        self.assertEqual(net.gradient_checkpointing, "step")
         self.assertTrue(all(b.gradient_checkpointing for b in blocks))
         x = torch.randn(2, 1, 16, 16, 16)
         net.train()(x).mean().backward()
@@ -275,6 +282,7 @@ class TestIllArguments(unittest.TestCase):
             ({"features": (8, 16, 16, 30), "hgcn_orders": [2, 5]}, "divisible"),
             ({"drop_path_rate": 1.5}, "drop_path_rate"),
             ({"kernel_size": 4}, "odd"),
+            ({"gradient_checkpointing": "stage"}, "gradient_checkpointing"),
         ]
     )
     def test_bad_arguments(self, kwargs, message):

@@ -62,6 +62,16 @@ def _per_stage(value, num_stages: int, spatial_dims: int, name: str) -> list[tup
     return out
 
 
+def _checkpoint_mode(value: bool | str) -> bool | str:
+    """``gradient_checkpointing`` as ``False``, ``"block"`` or ``"step"`` (``True`` means ``"step"``; the strings
+    ``"true"`` / ``"false"`` in any case count as the booleans, as command-line overrides arrive as text)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "step" if value else False
+    if isinstance(value, str) and value.lower() in ("true", "false", "block", "step"):
+        return {"true": "step", "false": False}.get(value.lower(), value.lower())
+    raise ValueError(f"gradient_checkpointing must be False, True, 'block' or 'step', got {value!r}.")
+
+
 class MambaClinix(nn.Module):
     """MambaClinix segmentation network for 2D or 3D inputs.
 
@@ -91,8 +101,12 @@ class MambaClinix(nn.Module):
         d_conv: Mamba convolution width.
         expand: Mamba expansion factor.
         scan_backend: selective-scan backend (``None``: automatic; see ``scripts.networks.selective_scan``).
-        gradient_checkpointing: keep only the outputs of the blocks during training and recompute the inside of
-            each block in backward: less training memory for more step time (figures in docs/benchmarks).
+        gradient_checkpointing: recompute activations in backward instead of keeping them (training only): less
+            memory for more step time. ``"block"`` keeps the outputs of the blocks (stem, residual, HGCN and Mamba
+            blocks, up-sampling, skip and fuse blocks) and recomputes each block once in backward; ``"step"`` (or
+            ``True``) also checkpoints the convolution sub-steps inside the residual and HGCN blocks, so that the
+            recomputation of a block holds one sub-step at a time: the least memory, for one more forward pass of
+            those sub-steps. ``False`` keeps everything (figures in docs/benchmarks).
         channels_last: run the convolutions on channels-last memory (``channels_last_3d`` in 3D). ``None``
             (default) turns it on for 3D inputs on CPU, where oneDNN's kernels are about 1.3x faster in that
             layout; the output is returned channels-first (contiguous) either way and the results are the same
@@ -119,7 +133,7 @@ class MambaClinix(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         scan_backend: str | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         channels_last: bool | None = None,
     ) -> None:
         super().__init__()
@@ -154,7 +168,7 @@ class MambaClinix(nn.Module):
         self.block_types = block_types
         self.hgcn_orders = [int(o) for o in hgcn_orders]
         self.deep_supervision = deep_supervision
-        self._gradient_checkpointing = gradient_checkpointing
+        self._gradient_checkpointing = _checkpoint_mode(gradient_checkpointing)
         self.channels_last = channels_last
         # the total down-sampling per axis: inputs must be divisible by it
         self.size_divisible = tuple(int(np.prod([s[a] for s in stride_list])) for a in range(spatial_dims))
@@ -195,16 +209,18 @@ class MambaClinix(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing  # also switches it in the blocks (property)
 
     @property
-    def gradient_checkpointing(self) -> bool:
-        """Whether training recomputes block insides in backward; setting it switches every block as well."""
+    def gradient_checkpointing(self) -> bool | str:
+        """The checkpointing granularity: ``False``, ``"block"`` or ``"step"`` (``True`` is stored as ``"step"``);
+        setting it switches the blocks' sub-step checkpointing as well."""
         return self._gradient_checkpointing
 
     @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self._gradient_checkpointing = bool(value)
+    def gradient_checkpointing(self, value: bool | str) -> None:
+        mode = _checkpoint_mode(value)
+        self._gradient_checkpointing = mode
         for module in self.modules():
             if isinstance(module, (ResidualBlock, HGCNBlock)):
-                module.gradient_checkpointing = bool(value)
+                module.gradient_checkpointing = mode == "step"
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
