@@ -60,4 +60,4 @@ test-label: setup
 	bash scripts/label/setup_env.sh
 	test -f data/mni/images/mni_left.nii.gz || $(PY) -m scripts.demo_data --output data --which mni
 	MAMBACLINIX_LABEL_RESULTS=eval/monailabel_test.json $(PY) -m pytest -q -s -p no:warnings -p no:cacheprovider \
-		tests/test_monailabel.py tests/test_label_compat.py
+		tests/test_monailabel.py tests/test_label_compat.py tests/test_label_guard.py

@@ -3,9 +3,12 @@
 # Serve this bundle from MONAI Label 0.8.5 (the monaibundle sample app), offline, on the loopback interface.
 #   bash docs/run_monailabel.sh                 # http://127.0.0.1:8000, model "mambaclinix"
 #   PORT=8001 STUDIES=/data/my_images bash docs/run_monailabel.sh
+#   CORS_ORIGINS="http://localhost:3000" bash docs/run_monailabel.sh    # a browser viewer served elsewhere
 # Environment: HOST (127.0.0.1), PORT (8000), NAME (mambaclinix), APP_DIR (.monailabel/app),
-# STUDIES (.monailabel/studies: the datastore; an empty one gets the MNI demo images when data/mni exists),
-# LABEL_VENV (.venv-label). See docs/monailabel.md for the 3D Slicer steps.
+# STUDIES ($HOME/mambaclinix-studies: the datastore, kept outside the bundle and the app (the server refuses a
+# nested one); an empty one gets the MNI demo images when data/mni exists), CORS_ORIGINS (none),
+# ALLOWED_HOSTS (extra Host names), LABEL_VENV (.venv-label). See docs/monailabel.md for the 3D Slicer steps
+# and the guard that refuses ids leaving the datastore.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +17,7 @@ HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-8000}"
 NAME="${NAME:-mambaclinix}"
 APP_DIR="${APP_DIR:-$ROOT/.monailabel/app}"
-STUDIES="${STUDIES:-$ROOT/.monailabel/studies}"
+STUDIES="${STUDIES:-$HOME/mambaclinix-studies}"
 export LABEL_VENV="${LABEL_VENV:-$ROOT/.venv-label}"
 PY="$LABEL_VENV/bin/python"
 
@@ -29,5 +32,7 @@ seed=()
 if compgen -G "$ROOT/data/mni/images/*.nii.gz" >/dev/null; then
   seed=(--seed-images "$ROOT"/data/mni/images/*.nii.gz)
 fi
+read -r -a cors <<< "${CORS_ORIGINS:-}"
+read -r -a hosts <<< "${ALLOWED_HOSTS:-}"
 exec "$PY" -m scripts.label.app serve --app "$APP_DIR" --studies "$STUDIES" --name "$NAME" --host "$HOST" \
-  --port "$PORT" "${seed[@]}"
+  --port "$PORT" "${seed[@]}" --cors_origins "${cors[@]}" --allowed_hosts "${hosts[@]}"

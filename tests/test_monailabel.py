@@ -6,6 +6,11 @@ Needs the separate environment ``.venv-label`` (``bash scripts/label/setup_env.s
 skipped without it. Takes a few minutes on 2 CPU cores: server start, app copy, /infer, 8 concurrent /infer,
 bad inputs, and a 1-epoch /train that must rewrite ``models/model.pt``. Set ``MAMBACLINIX_LABEL_TESTS=0`` to skip;
 the latencies are printed (``pytest -s``) and written to ``$MAMBACLINIX_LABEL_RESULTS`` when set.
+
+The server is started by ``scripts.label.server`` (MONAI Label behind the request guard). ``test_7`` to
+``test_9`` send hostile ids (``../``, ``%2e%2e%2f``, absolute, backslash) with raw HTTP and with MONAI Label's own
+client, and cross-origin requests, and check that nothing outside the datastore changed (md5 of every file of
+the app, the bundle copy and a sentinel beside the studies folder).
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import tempfile
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from scripts.label.hostile import EVIL_ORIGIN, check_label_server
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_VENV = Path(os.environ.get("MAMBACLINIX_LABEL_VENV", ROOT / ".venv-label"))
@@ -80,12 +88,27 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _multipart(fields: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
-    """Encode files as multipart/form-data: ``{field: (filename, content)}``."""
+def _snapshot(work: Path) -> dict[str, str]:
+    """md5 of every file under ``work`` except the datastore, the logs and Python caches (links not followed)."""
+    skip_dirs = {"studies", "logs", "__pycache__", "client"}
+    out = {}
+    for folder, dirs, files in os.walk(work):
+        dirs[:] = [d for d in dirs if d not in skip_dirs]
+        for name in files:
+            path = Path(folder) / name
+            if name == "server.log" or name.endswith(".pyc") or not path.is_file():
+                continue
+            out[str(path.relative_to(work))] = _md5(path)
+    return out
+
+
+def _multipart(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
+    """Encode files (and text fields, filename ``None``) as multipart/form-data: ``{field: (filename, content)}``."""
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
     for field, (filename, content) in fields.items():
-        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+        disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename is not None else "")
+        body.write(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
                    "Content-Type: application/octet-stream\r\n\r\n".encode())
         body.write(content)
         body.write(b"\r\n")
@@ -122,7 +145,8 @@ class Server:
         env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
         self._log = open(self.log_path, "wb")
         # own process group: the server and the training subprocesses it starts are stopped together by its PID
-        self.proc = subprocess.Popen(cmd, cwd=self.work, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        # the launcher is `python -m scripts.label.server`: it runs from the bundle root
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -151,15 +175,21 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:]) if self.log_path.exists() else ""
 
     def request(self, method: str, path: str, data: bytes | None = None, content_type: str | None = None,
-                timeout: float = 600.0) -> tuple[int, bytes]:
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+                timeout: float = 600.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        status, _, body = self.request_headers(method, path, data, content_type, timeout, headers)
+        return status, body
+
+    def request_headers(self, method: str, path: str, data: bytes | None = None, content_type: str | None = None,
+                        timeout: float = 600.0, headers: dict[str, str] | None = None
+                        ) -> tuple[int, dict[str, str], bytes]:
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         if content_type:
             req.add_header("Content-Type", content_type)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read()
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
         except urllib.error.HTTPError as e:
-            return e.code, e.read()
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
     def upload(self, method: str, path: str, field: str, filename: str, content: bytes) -> tuple[int, bytes]:
         body, ctype = _multipart({field: (filename, content)})
@@ -172,6 +202,39 @@ class Server:
             return status, json.loads(body)
         except ValueError:
             return status, body.decode(errors="replace")
+
+
+# run by .venv-label/bin/python: MONAI Label's own client against the server; prints one JSON line
+CLIENT_SCRIPT = """
+import json, re, sys
+from monailabel.client.client import MONAILabelClient, MONAILabelClientException
+
+url, image, label, absolute, model = sys.argv[1:6]
+client = MONAILabelClient(url, tmpdir=".")
+cases = {
+    "upload image id ../": lambda: client.upload_image(image, "../client_escape"),
+    "upload image id absolute": lambda: client.upload_image(image, absolute),
+    "upload image id backslash": lambda: client.upload_image(image, "..\\\\client_escape"),
+    "upload image id ..": lambda: client.upload_image(image, ".."),
+    "encoded upload image id %2e%2e%2f": lambda: client.upload_image(image, "%2e%2e%2fclient_escape"),
+    "save label tag ../..": lambda: client.save_label("mni_left", label, tag="../../client_tag"),
+    "save label tag absolute": lambda: client.save_label("mni_left", label, tag=absolute),
+    "save label image id ../": lambda: client.save_label("../mni_left", label, tag="final"),
+    "infer params label_tag ../..": lambda: client.infer(model, "mni_left", {"save_label": True,
+                                                                             "label_tag": "../../client_tag"}),
+    "plain upload image": lambda: client.upload_image(image, "client_plain"),
+    "plain save label": lambda: client.save_label("client_plain", label, tag="final"),
+}
+out = {}
+for name, call in cases.items():
+    try:
+        call()
+        out[name] = {"status": 200, "detail": ""}
+    except MONAILabelClientException as e:
+        m = re.search(r"Status: (\\d+)", str(e))
+        out[name] = {"status": int(m.group(1)) if m else e.status_code, "detail": str(e)[:300]}
+print(json.dumps(out))
+"""
 
 
 def _nifti(content: bytes, work: Path) -> nib.Nifti1Image:
@@ -206,6 +269,7 @@ class TestMONAILabel(unittest.TestCase):
         init_model(cls.bundle)
         cls.image, cls.label = _downsampled_case(work)
         (work / "studies").mkdir()
+        (work / "sentinel.txt").write_text("beside the studies folder; must never change\n")
         subprocess.run([str(LABEL_PY), "-m", "scripts.label.app", "prepare", "--app", str(work / "app"), "--bundle",
                         str(cls.bundle), "--name", NAME], cwd=ROOT, check=True, capture_output=True, timeout=300)
         cls.server = Server(work)
@@ -298,13 +362,13 @@ class TestMONAILabel(unittest.TestCase):
         # an upload that is not an image, sent with the request
         status, body = self.server.upload("POST", f"/infer/{NAME}?output=image", "file", "notes.nii.gz", not_image)
         self.assertEqual(status, 422, body)
-        self.assertIn("could not be read as an image", json.loads(body)["detail"])
+        self.assertIn("could not be read", json.loads(body)["detail"])  # the reason follows
         # the same bytes stored in the datastore (MONAI Label accepts any file there), then inferred on
         status, _ = self.server.upload("PUT", "/datastore/image?image=not_an_image", "file", "notes.nii.gz", not_image)
         self.assertEqual(status, 200)
         status, body = self.server.request("POST", f"/infer/{NAME}?image=not_an_image&output=image")
         self.assertEqual(status, 422, body)
-        self.assertIn("could not be read as an image", json.loads(body)["detail"])
+        self.assertIn("could not be read", json.loads(body)["detail"])  # the reason follows
         self.assertEqual(self.server.request("DELETE", "/datastore/image?id=not_an_image")[0], 200)
         # a two-channel image for a one-channel model
         ref = nib.load(str(self.image))
@@ -345,6 +409,91 @@ class TestMONAILabel(unittest.TestCase):
         # the served model reloads the new weights
         self._check_prediction(*self.server.request("POST", f"/infer/{NAME}?image=mni_left&output=image"))
         self.assertIn("Reload model from cache", self.server.log_path.read_text(errors="replace"))
+
+    # --- security: ids that would leave the datastore, cross-origin access (scripts/label/guard.py) ---
+
+    def _assert_nothing_outside_changed(self, before: dict[str, str]) -> None:
+        after = _snapshot(Path(self.tmp.name))
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        self.assertEqual(changed, [], "files outside the datastore were created or changed")
+        ids = self.server.json("GET", "/datastore/?output=all")[1]["objects"]
+        self.assertFalse([i for i in ids if "/" in i or "\\" in i or ".." in i], ids)
+
+    def test_7_hostile_raw_http(self):
+        work = Path(self.tmp.name)
+        before = _snapshot(work)
+        target = work / "hostile_targets"  # absolute hostile ids point in here
+        target.mkdir()
+        cases = check_label_server(self.server.url, target)
+        self.results["hostile_raw_http"] = {c["case"]: c["status"] for c in cases}
+        failed = [c for c in cases if not c["ok"]]
+        self.assertEqual(failed, [], json.dumps(failed, indent=1))
+        self.assertEqual(list(target.iterdir()), [])
+        target.rmdir()
+        hostile = [c for c in cases if not c["case"].startswith(("control", "CORS"))]
+        self.assertGreaterEqual(len(hostile), 20)
+        self.assertTrue(all(400 <= c["status"] < 500 for c in hostile), hostile)
+        self._assert_nothing_outside_changed(before)
+        # a plain upload and /infer still work behind the guard
+        self._check_prediction(*self.server.request("POST", f"/infer/{NAME}?image=mni_left&output=image"))
+
+    def test_8_hostile_monailabel_client(self):
+        """MONAI Label's own client (in .venv-label) sends hostile ids as a user of the API would."""
+        work = Path(self.tmp.name)
+        before = _snapshot(work)
+        client_dir = work / "client"  # the script and its temporary files (skipped by the snapshot)
+        client_dir.mkdir()
+        script = client_dir / "client.py"
+        script.write_text(CLIENT_SCRIPT)
+        out = subprocess.run([str(LABEL_PY), str(script), self.server.url, str(self.image), str(self.label),
+                              str(work / "client_abs"), NAME], cwd=client_dir, capture_output=True, text=True,
+                             timeout=600)
+        self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+        results = json.loads(out.stdout.strip().splitlines()[-1])
+        self.results["hostile_monailabel_client"] = {k: v["status"] for k, v in results.items()}
+        for case, r in results.items():
+            if case.startswith("plain"):
+                self.assertEqual(r["status"], 200, (case, r))
+            elif case.startswith("encoded"):
+                # the client encodes '%' itself: the server gets the literal name, a plain file in the datastore
+                self.assertEqual(r["status"], 200, (case, r))
+            else:
+                self.assertIsNotNone(r["status"], (case, r))
+                self.assertTrue(400 <= r["status"] < 500, (case, r))
+        studies = {p.name for p in (work / "studies").iterdir()}
+        self.assertIn("client_plain.nii.gz", studies)
+        self.assertIn("%2e%2e%2fclient_escape.nii.gz", studies)
+        self.assertTrue((work / "studies" / "labels" / "final" / "client_plain.nii.gz").is_file())
+        self.assertFalse((work / "client_abs.nii.gz").exists())
+        for image_id in ("client_plain", "%2e%2e%2fclient_escape"):
+            status, _ = self.server.request("DELETE", f"/datastore/image?id={urllib.parse.quote(image_id)}")
+            self.assertEqual(status, 200)
+        import shutil
+
+        shutil.rmtree(client_dir)
+        self._assert_nothing_outside_changed(before)
+
+    def test_9_cors(self):
+        evil = {"Origin": EVIL_ORIGIN}
+        status, headers, _ = self.server.request_headers("GET", "/info/", headers=evil)
+        self.assertEqual(status, 200)  # a simple request is answered, but the browser may not read it
+        self.assertNotIn("access-control-allow-origin", headers)
+        status, headers, _ = self.server.request_headers(
+            "OPTIONS", "/datastore/image?image=mni_left",
+            headers={**evil, "Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "content-type"})
+        self.assertNotIn("access-control-allow-origin", headers)
+        self.assertGreaterEqual(status, 400)
+        # a cross-site form post needs no preflight: refused outright
+        body, ctype = _multipart({"file": ("x.nii.gz", self.image.read_bytes())})
+        status, _ = self.server.request("PUT", "/datastore/image?image=from_evil", body, ctype, headers=evil)
+        self.assertEqual(status, 403)
+        status, _ = self.server.request("POST", f"/train/{NAME}", b"{}", "application/json", headers=evil)
+        self.assertEqual(status, 403)
+        # the server's own origin (a page it serves) is not cross-origin
+        own = {"Origin": self.server.url}
+        status, _ = self.server.request("PUT", "/datastore/image/info?image=mni_left",
+                                        *_multipart({"info": (None, b"{}")}), headers=own)
+        self.assertEqual(status, 200)
 
 
 if __name__ == "__main__":

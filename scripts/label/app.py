@@ -3,11 +3,14 @@
 
 The app is copied from the monailabel wheel (``monailabel apps --download``), the bundle is served from
 ``<app>/model/<name>`` (its configs with ``configs/plan.yaml`` merged in, its scripts, models and data linked),
-and the server is started with the flags that keep it offline (no model-zoo index, no SAM2 weights). Every step is a function so the integration test and ``docs/run_monailabel.sh`` share them::
+and the server is started with the flags that keep it offline (no model-zoo index, no SAM2 weights), behind the
+request guard of :mod:`scripts.label.server` (ids that would leave the datastore are refused, no cross-origin
+access by default). Every step is a function so the integration test and ``docs/run_monailabel.sh`` share them
+(run from the bundle root)::
 
     python -m scripts.label.app prepare --app .monailabel/app --bundle . --name mambaclinix
     python -m scripts.label.app init-model --bundle .            # only when models/model.pt is missing
-    python -m scripts.label.app serve --app .monailabel/app --studies .monailabel/studies --port 8000
+    python -m scripts.label.app serve --app .monailabel/app --studies ~/mambaclinix-studies --port 8000
 
 ``prepare`` and ``serve`` need the MONAI Label environment (``.venv-label``, see scripts/label/setup_env.sh);
 ``copy-bundle``, ``set-plan`` and ``init-model`` need only torch, monai and pyyaml.
@@ -27,6 +30,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_NAME",
     "OFFLINE_CONF",
+    "check_name",
     "prepare_app",
     "resolve_plan",
     "load_plan",
@@ -47,7 +51,8 @@ OFFLINE_CONF: tuple[tuple[str, str], ...] = (("zoo_source", "github"), ("sam2", 
 LABEL_CONFIGS = ("inference.yaml", "train.yaml")
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a plain folder name (the served model's)."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"model name {name!r} must be a plain folder name, e.g. {DEFAULT_NAME!r}.")
 
@@ -110,7 +115,7 @@ def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name
         ValueError: the bundle lacks a configuration MONAI Label reads, the name is not a folder name, or the
             plan file is missing.
     """
-    _check_name(name)
+    check_name(name)
     app_dir, bundle_root = Path(app_dir).absolute(), Path(bundle_root).absolute()
     missing = [c for c in LABEL_CONFIGS + ("metadata.json",) if not (bundle_root / "configs" / c).is_file()]
     if missing:
@@ -232,18 +237,25 @@ def seed_studies(studies: str | os.PathLike, images: Sequence[str | os.PathLike]
 
 def server_command(app_dir: str | os.PathLike, studies: str | os.PathLike, name: str = DEFAULT_NAME,
                    host: str = "127.0.0.1", port: int = 8000, python: str | None = None,
-                   extra_conf: Sequence[tuple[str, str]] = ()) -> list[str]:
-    """The command line that starts MONAI Label's server with the app, offline.
+                   extra_conf: Sequence[tuple[str, str]] = (), cors_origins: Sequence[str] = (),
+                   allowed_hosts: Sequence[str] = ()) -> list[str]:
+    """The command line that starts MONAI Label with the app, offline, behind the request guard.
 
-    ``python -m monailabel.main`` is used rather than the ``monailabel`` launcher, which puts the folder above
-    its virtual environment on ``PYTHONPATH`` (for this repository, another copy of ``scripts``).
+    It is ``python -m scripts.label.server`` (MONAI Label's own ``start_server`` with the guard in front, see
+    :mod:`scripts.label.server`) with ``start_server``'s arguments; run it with the bundle root as working
+    directory (``scripts`` is imported from there). ``python -m`` is used rather than the ``monailabel``
+    launcher, which puts the folder above its virtual environment on ``PYTHONPATH``.
     """
-    _check_name(name)
-    cmd = [python or sys.executable, "-m", "monailabel.main", "start_server", "--app", str(Path(app_dir).absolute()),
+    check_name(name)
+    cmd = [python or sys.executable, "-m", "scripts.label.server", "--app", str(Path(app_dir).absolute()),
            "--studies", str(Path(studies).absolute()), "--host", host, "--port", str(int(port)),
            "--conf", "models", name]
     for k, v in tuple(OFFLINE_CONF) + tuple(extra_conf):
         cmd += ["--conf", k, v]
+    if cors_origins:
+        cmd += ["--cors_origins", *cors_origins]
+    if allowed_hosts:
+        cmd += ["--allowed_hosts", *allowed_hosts]
     return cmd
 
 
@@ -263,13 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bundle", default=".")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--plan", default="auto", help="plan YAML merged into train.yaml (default: configs/plan.yaml if any)")
-    p = sub.add_parser("serve", help="start the MONAI Label server (replaces this process)")
+    p = sub.add_parser("serve", help="start the guarded MONAI Label server (see python -m scripts.label.server)")
     p.add_argument("--app", required=True)
     p.add_argument("--studies", required=True)
     p.add_argument("--name", default=DEFAULT_NAME)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed-images", nargs="*", default=[], help="images copied into an empty studies folder")
+    p.add_argument("--cors_origins", nargs="*", default=[], help="browser origins allowed to call the API (default none)")
+    p.add_argument("--allowed_hosts", nargs="*", default=[], help="extra Host header names to accept")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "prepare":
@@ -279,11 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "init-model":
         init_model(args.bundle, overwrite=args.overwrite, plan=args.plan)
     elif args.cmd == "serve":
+        from scripts.label import server
+
+        cmd = server_command(args.app, args.studies, args.name, args.host, args.port,
+                             cors_origins=args.cors_origins, allowed_hosts=args.allowed_hosts)
+        try:
+            server.check_layout(args.app, args.studies, args.name)  # before seeding: never copy into a nested folder
+        except ValueError as e:
+            logger.error("%s", e)
+            return 2
         seed_studies(args.studies, args.seed_images)
-        cmd = server_command(args.app, args.studies, args.name, args.host, args.port)
-        logger.info("starting: %s", " ".join(cmd))
-        sys.stdout.flush()
-        os.execv(cmd[0], cmd)
+        return server.main(cmd[3:])  # in this process: the arguments after `python -m scripts.label.server`
     return 0
 
 
