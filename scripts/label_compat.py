@@ -14,14 +14,18 @@ is a fine-tuning run from ``model.pt``: :class:`scripts.handlers.LatestCheckpoin
 instead of resuming the previous run's state (which would undo the loaded weights and skip the requested epochs).
 
 MONAI Label's endpoints turn any other exception into a bare ``500 Internal Server Error``.
-:class:`LoadImageCheckedd` (a ``LoadImaged``, which MONAI Label keeps and wraps) reports a file that is not a
-readable image, or one with the wrong channel count, as :class:`InputError`: a ``ValueError`` that, inside the
-server, is also an HTTP exception, so the client gets ``422`` with the message as ``detail``.
+:class:`LoadImageCheckedd` (a ``LoadImaged``, which MONAI Label keeps and wraps) checks the file's header before
+reading it (:func:`scripts.image_guard.check_image`: size limits, data type, truncation, decompression bombs) and
+reports a file that is too large (413), not a readable image, 2D where the model is 3D, or with the wrong channel
+count (422) as :class:`InputError`: a ``ValueError`` that, inside the server, is also an HTTP exception, so the
+client gets the status with the message as ``detail``. ``InputError`` lives in the torch-free
+:mod:`scripts.image_guard` (re-exported here) so that transforms can raise it too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -29,9 +33,10 @@ from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, Spacingd
 
-from scripts.data import DataError
+from scripts.image_guard import INPUT_ERROR_STATUS, ImageLimits, InputError, check_image, check_spatial_dims
 
 __all__ = [
+    "INPUT_ERROR_STATUS",
     "InputError",
     "LoadImageCheckedd",
     "SafeSpacingd",
@@ -40,37 +45,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-try:  # present where a web server (MONAI Label's FastAPI) is installed
-    from starlette.exceptions import HTTPException as _HTTPException
-except ImportError:  # pragma: no cover - the bundle's own environment
-    _HTTPException = None
-
-#: HTTP status of :class:`InputError` inside a web server: the request's input can't be processed.
-INPUT_ERROR_STATUS = 422
-
-if _HTTPException is not None:
-
-    class InputError(DataError, _HTTPException):
-        """An input image that can't be used; a ``ValueError`` and, inside MONAI Label, an HTTP 422 error."""
-
-        def __init__(self, message: str) -> None:
-            DataError.__init__(self, message)
-            _HTTPException.__init__(self, status_code=INPUT_ERROR_STATUS, detail=message)
-
-        def __str__(self) -> str:
-            return str(self.detail)
-
-else:
-
-    class InputError(DataError):  # type: ignore[no-redef]
-        """An input image that can't be used (a ``ValueError``)."""
-
-        status_code = INPUT_ERROR_STATUS
-
-        def __init__(self, message: str) -> None:
-            super().__init__(message)
-            self.detail = message
 
 
 def non_mapping_companions(data: Mapping[Hashable, object], keys: tuple) -> list[str]:
@@ -119,26 +93,46 @@ class SharedHandler:
 
 
 class LoadImageCheckedd(LoadImaged):
-    """:class:`monai.transforms.LoadImaged` that reports unusable inputs as :class:`InputError`.
+    """:class:`monai.transforms.LoadImaged` that checks each file's header first and reports unusable inputs as
+    :class:`InputError`.
 
-    A file that no reader can read, and (with ``in_channels``) an image whose channel count differs from the
-    network's, raise :class:`InputError` naming the file and the fix. Use ``ensure_channel_first=True`` so the
+    Before any reader runs, :func:`scripts.image_guard.check_image` refuses an image beyond ``limits`` (413) and a
+    missing, empty, truncated, malformed, complex-valued or (with ``spatial_dims``) 2D-for-3D file (422); after
+    reading, a file that no reader can read, the wrong number of spatial axes and (with ``in_channels``) the wrong
+    channel count raise :class:`InputError` naming the file and the fix. Use ``ensure_channel_first=True`` so the
     channel count is the first dimension.
 
     Args:
         keys: keys of the images to load.
         in_channels: channels the network expects; ``None`` skips the check.
+        spatial_dims: 3 refuses 2D images (``(X, Y)`` or ``(X, Y, 1)``), 2 refuses 3D volumes; ``None`` skips.
+        limits: :class:`scripts.image_guard.ImageLimits`, or a mapping of its fields (a config's ``image_limits``);
+            ``None``: the defaults.
         kwargs: the other arguments of ``LoadImaged``.
     """
 
-    def __init__(self, keys: KeysCollection, in_channels: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        in_channels: int | None = None,
+        spatial_dims: int | None = None,
+        limits: ImageLimits | Mapping | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(keys, **kwargs)
         if in_channels is not None and int(in_channels) < 1:
             raise ValueError(f"in_channels must be a positive channel count or None, got {in_channels}.")
+        if spatial_dims not in (None, 2, 3):
+            raise ValueError(f"spatial_dims must be 2, 3 or None, got {spatial_dims!r}.")
         self.in_channels = None if in_channels is None else int(in_channels)
+        self.spatial_dims = spatial_dims
+        self.limits = ImageLimits.coerce(limits)
 
     def __call__(self, data, reader=None):
         names = {k: data.get(k) for k in self.keys if k in data}
+        for name in names.values():
+            if isinstance(name, (str, os.PathLike, list, tuple)):
+                check_image(name, self.limits, self.spatial_dims)
         try:
             d = super().__call__(data, reader)
         except Exception as e:  # readers raise many types for unreadable files
@@ -146,14 +140,14 @@ class LoadImageCheckedd(LoadImaged):
                 f"{', '.join(str(n) for n in names.values())} could not be read as an image ({type(e).__name__}: {e}); "
                 "send a NIfTI, NRRD or DICOM image."
             ) from e
-        if self.in_channels is not None:
-            for key in self.key_iterator(d):
-                img = d[key]
-                if getattr(img, "ndim", 0) < 2 or img.shape[0] != self.in_channels:
-                    shape = tuple(getattr(img, "shape", ()))
-                    raise InputError(
-                        f"{names.get(key)}: the image has {shape[0] if shape else 0} channel(s) (shape {shape}) but the "
-                        f"model expects {self.in_channels}; send a {self.in_channels}-channel image "
-                        "(or re-plan and retrain the model for this channel count)."
-                    )
+        for key in self.key_iterator(d):
+            img = d[key]
+            shape = tuple(getattr(img, "shape", ()))
+            check_spatial_dims(shape[1:], self.spatial_dims, str(names.get(key)))
+            if self.in_channels is not None and (len(shape) < 2 or shape[0] != self.in_channels):
+                raise InputError(
+                    f"{names.get(key)}: the image has {shape[0] if shape else 0} channel(s) (shape {shape}) but the "
+                    f"model expects {self.in_channels}; send a {self.in_channels}-channel image "
+                    "(or re-plan and retrain the model for this channel count)."
+                )
         return d

@@ -15,6 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform, SaveImaged
 
+from .image_guard import InputError
 from .io_utils import atomic_path
 
 __all__ = [
@@ -52,6 +53,9 @@ class SelectFullResolutiond(MapTransform):
 class NormalizeChannelsd(MapTransform):
     """Per-channel intensity normalisation as planned (nnU-Net's CT and z-score schemes).
 
+    An image with NaN / infinite values or a channel count other than the schemes' raises
+    :class:`scripts.image_guard.InputError` (a ``ValueError``; HTTP 422 inside MONAI Label).
+
     Args:
         keys: keys of the images to normalise.
         schemes: one entry per channel: ``"ct"`` clips to ``[lower, upper]`` then subtracts the dataset's
@@ -88,7 +92,7 @@ class NormalizeChannelsd(MapTransform):
         if len(schemes) == 1 and img.shape[0] > 1:
             schemes, stats = schemes * img.shape[0], stats * img.shape[0]
         if len(schemes) != img.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"{filename}: the image has {img.shape[0]} channels but the configuration expects {len(schemes)} "
                 "(intensity_schemes / in_channels); check the datalist or the plan."
             )
@@ -111,7 +115,7 @@ class NormalizeChannelsd(MapTransform):
             img = d[key]
             filename = str(img.meta.get("filename_or_obj", key)) if isinstance(img, MetaTensor) else str(key)
             if not torch.isfinite(torch.as_tensor(img)).all():
-                raise ValueError(f"{filename}: the image contains NaN or infinite values; fix or remove the file.")
+                raise InputError(f"{filename}: the image contains NaN or infinite values; fix or remove the file.")
             out = self._normalize(torch.as_tensor(img), filename)
             d[key] = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations) if isinstance(
                 img, MetaTensor

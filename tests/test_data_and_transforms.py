@@ -4,6 +4,7 @@ atomic outputs and the resumable-checkpoint handler."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -16,7 +17,9 @@ import torch
 from monai.data import MetaTensor
 from parameterized import parameterized
 
+from scripts.check_hostile import _nifti_header, address_space_cap
 from scripts.data import DataError, check_case, load_datalist, validate_datalist
+from scripts.image_guard import ImageTooLargeError, InputError
 from scripts.inferers import MirroringSlidingWindowInferer
 from scripts.io_utils import atomic_path, atomic_torch_save
 from scripts.transforms import AtomicSaveSegmentationd, NormalizeChannelsd, SelectFullResolutiond
@@ -90,6 +93,45 @@ class TestDatalistChecks(unittest.TestCase):
         with self.assertRaisesRegex(DataError, "not valid JSON"):
             load_datalist(broken, self.tmp)
 
+    @parameterized.expand([
+        ("2d", (10, 9), 3, "2D image"), ("2d_singleton", (10, 9, 1), 3, "2D image"), ("3d", (10, 9, 8), 2, "3D volume"),
+    ])
+    def test_spatial_dims(self, _, shape, dims, fragment):
+        path = self._save("wrong_dims.nii.gz", np.ones(shape, np.float32))
+        with self.assertRaises(InputError) as ctx:
+            validate_datalist([{"image": path}], 1, None, "inference", spatial_dims=dims)
+        self.assertIn("wrong_dims.nii.gz", str(ctx.exception))
+        self.assertIn(fragment, str(ctx.exception))
+        self.assertEqual(check_case({"image": path}, 1, None), shape if len(shape) == 3 else shape)
+
+    def test_header_bomb_and_limits(self):
+        bomb = self.tmp / "bomb.nii.gz"
+        bomb.write_bytes(gzip.compress(_nifti_header((1500, 1500, 1500))))
+        with self.assertRaises(ImageTooLargeError) as ctx, address_space_cap():
+            validate_datalist([{"image": self.image, "label": str(bomb)}], 1, 3)
+        self.assertIn("case 0: label", str(ctx.exception))
+        self.assertIn("bomb.nii.gz", str(ctx.exception))
+        self.assertEqual(ctx.exception.status_code, 413)
+        with self.assertRaisesRegex(ImageTooLargeError, "voxels"):
+            check_case({"image": self.image}, 1, 3, limits={"max_voxels": 10 * 9 * 8 - 1})
+
+    def test_datalist_escapes_warn(self):
+        path = self.tmp / "dl.json"
+        sub = self.tmp / "data"
+        sub.mkdir()
+        path.write_text(json.dumps({"training": [
+            {"image": "img.nii.gz", "label": "lab.nii.gz"},
+            {"image": ["../img.nii.gz", "img.nii.gz"], "label": "../../elsewhere/lab.nii.gz"},
+            {"image": self.image},
+        ]}))
+        with self.assertLogs("scripts.data", "WARNING") as logs:
+            items = load_datalist(path, sub, "training")
+        self.assertEqual(len(items), 3)
+        self.assertEqual(len(logs.records), 2)
+        self.assertIn("training case 1", logs.output[0])
+        self.assertIn("'../img.nii.gz'", logs.output[0])
+        self.assertIn("'../../elsewhere/lab.nii.gz'", logs.output[1])
+
     def test_load_datalist_relative_paths(self):
         path = self.tmp / "dl.json"
         path.write_text(json.dumps({"training": [{"image": "img.nii.gz", "label": "lab.nii.gz"}]}))
@@ -123,6 +165,10 @@ class TestNormalizeChannels(unittest.TestCase):
         bad[0, 0, 0, 0] = float("nan")
         with self.assertRaisesRegex(ValueError, "NaN"):
             NormalizeChannelsd("image", "zscore")({"image": bad})
+        for img in (bad, meta):  # the 422 input error of MONAI Label, not a bare ValueError (500)
+            with self.assertRaises(InputError) as ctx:
+                NormalizeChannelsd("image", ["zscore", "zscore"] if img is meta else "zscore")({"image": img})
+            self.assertEqual(ctx.exception.status_code, 422)
         with self.assertRaisesRegex(ValueError, "scheme"):
             NormalizeChannelsd("image", "minmax")
         with self.assertRaisesRegex(ValueError, "lower, upper, mean, std"):

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import re
 import tempfile
 import threading
+import time
 import unittest
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -52,8 +56,11 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@unittest.skipUnless(has_fastapi, "fastapi is not installed")
-class TestHUNetService(unittest.TestCase):
+class _ServiceCase(unittest.TestCase):
+    """A tiny segmenter served by a TestClient, shared by the tests of a class."""
+
+    max_upload_bytes = 300_000
+
     @classmethod
     def setUpClass(cls):
         from scripts.hunet.service import create_app
@@ -62,12 +69,15 @@ class TestHUNetService(unittest.TestCase):
         cls.tmp = Path(cls._tmp.name)
         cls.work = cls.tmp / "work"
         cls.segmenter = make_segmenter(cls.tmp)
-        cls.client = TestClient(create_app(cls.segmenter, cls.work, max_upload_bytes=300_000))
+        cls.client = TestClient(create_app(cls.segmenter, cls.work, max_upload_bytes=cls.max_upload_bytes))
 
     @classmethod
     def tearDownClass(cls):
         cls._tmp.cleanup()
 
+
+@unittest.skipUnless(has_fastapi, "fastapi is not installed")
+class TestHUNetService(_ServiceCase):
     def post(self, name: str, content: bytes):
         return self.client.post("/api/segment", files={"file": (name, content, "application/octet-stream")})
 
@@ -201,6 +211,155 @@ class TestHUNetService(unittest.TestCase):
             t.join()
         self.assertEqual(codes, [200] * 4)
         self.assertEqual(len(set(ids)), 4)
+
+
+def _hostile(tmp: Path, case: str) -> bytes:
+    """The bytes of one of scripts.check_hostile's cases (bombs inflating to 16 MB at most)."""
+    from scripts.check_hostile import CASES
+
+    spec = next(c for c in CASES if c.name == case)
+    path = tmp / spec.filename
+    spec.make(path, 16 * 1024**2)
+    return path.read_bytes()
+
+
+def _no_server_paths(test: unittest.TestCase, detail: str, work: Path) -> None:
+    test.assertNotIn(str(work), detail)
+    test.assertNotIn(str(work.parent), detail)
+    test.assertIsNone(re.search(r"(^|[\s'\"(:])/[\w.-]+/", detail), detail)
+    test.assertIsNone(re.search(r"[0-9a-f]{32}", detail), detail)
+
+
+@unittest.skipUnless(has_fastapi, "fastapi is not installed")
+class TestHostileUploads(_ServiceCase):
+    """Bombs and broken files: refused from the header with 413 / 422, details without server paths."""
+
+    max_upload_bytes = 4 * 1024**2
+
+    @parameterized.expand([
+        ["nifti_header_bomb", 413], ["nrrd_header_bomb", 413], ["dicom_header_bomb", 413], ["nifti_gzip_bomb", 413],
+        ["nrrd_gzip_bomb", 413], ["gzip_of_zeros", 422], ["png_10000", 413], ["png_30000", 413], ["zip_bomb", 413],
+        ["complex_nifti", 422], ["nan_image", 422], ["truncated_nifti", 422], ["truncated_nifti_gz", 422],
+        ["nrrd_detached_outside", 422], ["four_channels", 422], ["wrong_magic", 415],
+    ])
+    def test_refused(self, case, status):
+        from scripts.check_hostile import CASES, address_space_cap
+
+        name = next(c for c in CASES if c.name == case).filename
+        content = _hostile(self.tmp, case)
+        before = {p.name for p in self.work.iterdir()} if self.work.exists() else set()
+        t0 = time.perf_counter()
+        with address_space_cap():  # without the guard: MemoryError, not an exhausted machine
+            r = self.client.post("/api/segment", files={"file": (name, content)})
+        self.assertEqual(r.status_code, status, r.text)
+        self.assertLess(time.perf_counter() - t0, 30)
+        detail = r.json()["detail"]
+        _no_server_paths(self, detail, self.work)
+        if status == 413:
+            self.assertIn(name, detail)  # the client's name, not the server's
+        self.assertEqual({p.name for p in self.work.iterdir()} - before, set())  # the request folder is gone
+
+    def test_zip_traversal_stays_inside(self):
+        r = self.client.post("/api/segment", files={"file": ("t.zip", _hostile(self.tmp, "zip_traversal"))})
+        self.assertEqual(r.status_code, 422, r.text)  # the same slice twice: no geometry, but no 500
+        self.assertIn("geometry", r.json()["detail"])
+        self.assertFalse((self.tmp / "hostile_escape.dcm").exists())
+        self.assertFalse(Path("/tmp/hostile_abs.dcm").exists())
+
+    def test_public_detail(self):
+        from scripts.hunet.service import public_detail
+
+        text = "cannot read /srv/work/" + "ab" * 16 + "/upload.nrrd. Please check 'C:\\data\\x.nii' (shape 3/4)"
+        self.assertEqual(public_detail(text), "cannot read upload.nrrd. Please check 'x.nii' (shape 3/4)")
+
+
+@unittest.skipUnless(has_fastapi, "fastapi is not installed")
+class TestServiceResources(unittest.TestCase):
+    """Decode slots (503 after the wait limit) and the retention of result folders."""
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.tmp = Path(self._tmp.name)
+        self.work = self.tmp / "work"
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def _client(self, **kwargs):
+        from scripts.hunet.service import create_app
+
+        if not hasattr(self, "segmenter"):
+            self.segmenter = make_segmenter(self.tmp)
+        return TestClient(create_app(self.segmenter, self.work, max_upload_bytes=300_000, **kwargs))
+
+    def test_decode_slot_busy_gives_503(self):
+        import scripts.hunet.service as service
+
+        client = self._client(max_concurrent_decodes=1, slot_timeout_s=0.3)
+        entered, release = threading.Event(), threading.Event()
+        real = service.load_upload
+
+        def slow(*args, **kwargs):
+            entered.set()
+            release.wait(20)
+            return real(*args, **kwargs)
+
+        content, _ = nifti_bytes(shape=(16, 16, 2))
+        codes = []
+        with mock.patch.object(service, "load_upload", slow):
+            first = threading.Thread(target=lambda: codes.append(
+                client.post("/api/segment", files={"file": ("a.nii.gz", content)}).status_code))
+            first.start()
+            self.assertTrue(entered.wait(20))
+            r = client.post("/api/segment", files={"file": ("b.nii.gz", content)})
+            release.set()
+            first.join()
+        self.assertEqual(r.status_code, 503, r.text)
+        self.assertEqual(r.headers.get("retry-after"), "30")
+        self.assertEqual(codes, [200])
+
+    def test_retention(self):
+        from scripts.hunet.retention import ResultRetention
+
+        self.work.mkdir()
+        old = self.work / ("a" * 32)
+        old.mkdir()
+        os.utime(old, (time.time() - 3 * 3600,) * 2)
+        keep = self.work / "notes"  # not a request folder: never touched
+        keep.mkdir()
+        client = self._client(retention_hours=2, max_results=2)
+        self.assertFalse(old.exists())  # at start
+        content, _ = nifti_bytes(shape=(16, 16, 2))
+        ids = []
+        for i in range(3):
+            r = client.post("/api/segment", files={"file": (f"{i}.nii.gz", content)})
+            self.assertEqual(r.status_code, 200, r.text)
+            ids.append(r.json()["id"])
+            time.sleep(0.02)
+        left = sorted(p.name for p in self.work.iterdir() if p.is_dir() and p.name != "notes")
+        self.assertEqual(left, sorted(ids[1:]))  # the oldest went first
+        self.assertEqual(client.get(f"/api/results/{ids[0]}").status_code, 404)
+        self.assertTrue(keep.is_dir())
+        # a folder in use is never removed, however old
+        retention = ResultRetention(self.work, retention_hours=1, max_results=1)
+        busy = self.work / ("b" * 32)
+        busy.mkdir()
+        os.utime(busy, (time.time() - 7200,) * 2)
+        with retention.in_use(busy):
+            retention.sweep()
+            self.assertTrue(busy.is_dir())
+        retention.sweep()
+        self.assertFalse(busy.exists())
+
+    def test_ill_arguments(self):
+        from scripts.hunet.retention import ResultRetention
+
+        with self.assertRaises(ValueError):
+            ResultRetention(self.tmp, retention_hours=0)
+        with self.assertRaises(ValueError):
+            ResultRetention(self.tmp, max_results=0)
+        with self.assertRaises(ValueError):
+            self._client(max_concurrent_decodes=0)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import gzip
 import tempfile
 import unittest
+from unittest import mock
 from pathlib import Path
 
 import nibabel as nib
@@ -69,7 +71,7 @@ class TestLoadImageCheckedd(unittest.TestCase):
             path = Path(tmp) / "x.nii.gz"
             if case == "not_image":
                 path.write_text("not an image\n")
-                expected = "could not be read as an image"
+                expected = "could not be read"
             else:
                 _save(path, np.random.rand(6, 7, 8, 2))
                 expected = "2 channel(s)"
@@ -80,9 +82,38 @@ class TestLoadImageCheckedd(unittest.TestCase):
         self.assertIn(expected, str(ctx.exception))
         self.assertIn(str(path), str(ctx.exception))
 
+    @parameterized.expand([
+        ("header_bomb", 413, "3,375,000,000 voxels"), ("two_d", 422, "2D image"), ("complex", 422, "complex"),
+        ("small_limit", 413, "limit of 100"),
+    ])
+    def test_guarded(self, case, status, fragment):
+        from scripts.check_hostile import _nifti_header, address_space_cap
+
+        limits = {"max_voxels": 100} if case == "small_limit" else None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{case}.nii.gz"
+            if case == "header_bomb":
+                path.write_bytes(gzip.compress(_nifti_header((1500, 1500, 1500))))
+            elif case == "complex":
+                nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.complex64), np.eye(4)), str(path))
+            else:
+                _save(path, np.random.rand(12, 10) if case == "two_d" else np.random.rand(6, 7, 8))
+            loader = LoadImageCheckedd("image", in_channels=1, spatial_dims=3, limits=limits, ensure_channel_first=True)
+            # refused from the header: the reader is never called (and can't exhaust the machine)
+            with self.assertRaises(InputError) as ctx, address_space_cap(), \
+                    mock.patch.object(LoadImaged, "__call__", side_effect=AssertionError("read")):
+                loader({"image": str(path), "image_path": str(path)})
+        self.assertEqual(ctx.exception.status_code, status)
+        self.assertIn(fragment, str(ctx.exception))
+        self.assertIn(path.name, str(ctx.exception))
+
     def test_ill_argument(self):
         with self.assertRaises(ValueError):
             LoadImageCheckedd("image", in_channels=0)
+        with self.assertRaises(ValueError):
+            LoadImageCheckedd("image", spatial_dims=4)
+        with self.assertRaises(ValueError):
+            LoadImageCheckedd("image", limits={"max_voxels": -1})
 
 
 class TestHandlers(unittest.TestCase):
@@ -128,7 +159,7 @@ class TestHandlers(unittest.TestCase):
 class TestAppHelpers(unittest.TestCase):
     def test_server_command_offline(self):
         cmd = server_command("app", "studies", "mambaclinix", port=8123, python="py")
-        self.assertEqual(cmd[:4], ["py", "-m", "monailabel.main", "start_server"])
+        self.assertEqual(cmd[:4], ["py", "-m", "scripts.label.server", "--app"])  # MONAI Label behind the guard
         joined = " ".join(cmd)
         for k, v in OFFLINE_CONF:
             self.assertIn(f"--conf {k} {v}", joined)

@@ -12,6 +12,15 @@ API: ``POST /api/segment`` (multipart field ``file``, or the raw bytes with ``?f
 /api/results/{id}``, ``/api/results/{id}/mask``, ``/api/results/{id}/mask.png``, ``/api/results/{id}/report``,
 ``/api/results/{id}/slices/{k}/{image|mask}.png``, ``GET /api/health``. Every request works in its own folder
 ``<work_dir>/<uuid>``; uploads beyond ``--max_upload_mb`` are answered with 413.
+
+Memory: each upload's header is checked before anything is decoded (:mod:`scripts.image_guard`; images beyond
+``--max_image_voxels`` / ``--max_image_mb`` / ``--max_slice_pixels`` and zip archives beyond ``--max_files`` or their
+size / ratio budget get 413). At most ``--max_concurrent_decodes`` uploads are checked and decoded at the same
+time, and at most ``--max_concurrent`` run the pipeline (its own decoding, resizing, inference); a request waits
+for its slot up to ``--slot_timeout_s`` seconds and then gets 503 with ``Retry-After`` (waiting keeps bursts
+working, the time limit keeps a queue from growing without bound). Result folders are kept at most
+``--retention_hours`` and ``--max_results`` of them, oldest removed first, at start and after each request; folders
+of running requests are never removed. Error details never show server paths.
 """
 
 
@@ -22,6 +31,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Mapping
+from contextlib import contextmanager
 import threading
 import time
 import uuid
@@ -34,16 +45,38 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
 from scripts.hunet.report import lesion_report, write_json_atomic
+from scripts.hunet.retention import RESULT_ID, ResultRetention
 from scripts.hunet.transforms import SaveMaskd, safe_stem, save_nifti_atomic
-from scripts.hunet.uploads import UploadError, load_upload
+from scripts.hunet.uploads import UPLOAD_LIMITS, load_upload
+from scripts.image_guard import ImageLimits, InputError
 
-__all__ = ["HUNetSegmenter", "BodySizeLimit", "create_app", "main"]
+__all__ = ["HUNetSegmenter", "BodySizeLimit", "ServiceBusy", "create_app", "public_detail", "main"]
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 MASK_RGB = (255, 0, 0)
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?[/\\](?:[^\s'\"`,;:()\[\]{}<>|/\\]+[/\\])*([^\s'\"`,;:()\[\]{}<>|/\\]*)")
+
+
+class ServiceBusy(RuntimeError):
+    """No slot became free within the wait limit (HTTP 503)."""
+
+
+@contextmanager
+def _slot(semaphore: threading.Semaphore, timeout: float | None, what: str):
+    if not semaphore.acquire(timeout=timeout):
+        raise ServiceBusy(f"the service is busy ({what}); retry later")
+    try:
+        yield
+    finally:
+        semaphore.release()
+
+
+def public_detail(text: str) -> str:
+    """``text`` without server paths: absolute paths reduced to their last part, request folder names hidden."""
+    text = _ABS_PATH.sub(lambda m: m.group(1) or "<path>", str(text))
+    return re.sub(r"[0-9a-f]{32}", "<request>", text)
 
 
 class HUNetSegmenter:
@@ -56,7 +89,9 @@ class HUNetSegmenter:
         device: torch device name.
         overrides: config values to override (e.g. a smaller ``img_size`` / ``embed_dims``).
         allow_untrained: run with random weights when the checkpoint is missing (tests and UI demos only).
-        max_concurrent: number of inferences run at the same time; further requests wait.
+        max_concurrent: number of pipelines (loading, preprocessing, inference, postprocessing) run at the same
+            time; further requests wait.
+        slot_timeout_s: longest wait for a slot before :class:`ServiceBusy`; ``None`` waits for ever.
     """
 
     def __init__(
@@ -68,6 +103,7 @@ class HUNetSegmenter:
         overrides: dict[str, Any] | None = None,
         allow_untrained: bool = False,
         max_concurrent: int = 1,
+        slot_timeout_s: float | None = None,
     ) -> None:
         root = Path(bundle_root).resolve()
         cfg = Path(config_file) if os.path.isabs(config_file) else root / config_file
@@ -98,14 +134,20 @@ class HUNetSegmenter:
         post = parser.get_parsed_content("postprocessing")
         self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveMaskd)])
         self._slots = threading.BoundedSemaphore(max(1, int(max_concurrent)))
+        self.slot_timeout_s = slot_timeout_s
 
     def __call__(self, nifti_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-        """Segment a volume file; returns the uint8 mask ``(X, Y, Z)`` on the input grid and its affine."""
-        data = self.preprocessing({"image": str(nifti_path)})
-        with self._slots, torch.inference_mode():
-            pred = self.inferer(data["image"][None].to(self.device), self.network)
-        data["pred"] = pred[0].cpu()
-        data = self.postprocessing(data)
+        """Segment a volume file; returns the uint8 mask ``(X, Y, Z)`` on the input grid and its affine.
+
+        Raises:
+            ServiceBusy: no pipeline slot within ``slot_timeout_s``.
+        """
+        with _slot(self._slots, self.slot_timeout_s, "all inference slots taken"):
+            data = self.preprocessing({"image": str(nifti_path)})
+            with torch.inference_mode():
+                pred = self.inferer(data["image"][None].to(self.device), self.network)
+            data["pred"] = pred[0].cpu()
+            data = self.postprocessing(data)
         out = data["pred"]
         mask = np.rint(np.asarray(out.detach().cpu())[0]).astype(np.uint8)
         return mask, np.asarray(out.affine, dtype=np.float64)
@@ -177,8 +219,28 @@ def _display_u8(arr: np.ndarray) -> np.ndarray:
     return np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
 
 
-def create_app(segmenter: HUNetSegmenter, work_dir: str | os.PathLike, max_upload_bytes: int = 200 * 1024**2) -> Any:
-    """The FastAPI application (wrapped in :class:`BodySizeLimit`) serving ``segmenter``."""
+def create_app(
+    segmenter: HUNetSegmenter,
+    work_dir: str | os.PathLike,
+    max_upload_bytes: int = 200 * 1024**2,
+    limits: ImageLimits | Mapping | None = None,
+    max_concurrent_decodes: int = 1,
+    slot_timeout_s: float | None = 300.0,
+    retention_hours: float | None = 24.0,
+    max_results: int | None = 1000,
+) -> Any:
+    """The FastAPI application (wrapped in :class:`BodySizeLimit`) serving ``segmenter``.
+
+    Args:
+        segmenter: the pipeline.
+        work_dir: folder of the per-request folders.
+        max_upload_bytes: largest request body (413 beyond).
+        limits: image limits of the uploads (default :data:`scripts.hunet.uploads.UPLOAD_LIMITS`).
+        max_concurrent_decodes: uploads checked and decoded at the same time.
+        slot_timeout_s: longest wait for a decode slot before 503; ``None`` waits for ever.
+        retention_hours: result folders older than this are removed; ``None`` keeps them.
+        max_results: at most this many result folders are kept (the newest); ``None`` keeps any number.
+    """
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -187,6 +249,12 @@ def create_app(segmenter: HUNetSegmenter, work_dir: str | os.PathLike, max_uploa
 
     work_root = Path(work_dir).resolve()
     work_root.mkdir(parents=True, exist_ok=True)
+    limits = UPLOAD_LIMITS if limits is None else ImageLimits.coerce(limits)
+    if int(max_concurrent_decodes) < 1:
+        raise ValueError(f"max_concurrent_decodes must be >= 1, got {max_concurrent_decodes}.")
+    decodes = threading.BoundedSemaphore(int(max_concurrent_decodes))
+    retention = ResultRetention(work_root, retention_hours, max_results)
+    retention.sweep()
     app = FastAPI(title="Mamba-HUNet lesion segmentation", version="0.1.0")
 
     def result_dir(rid: str) -> Path:
@@ -230,7 +298,8 @@ def create_app(segmenter: HUNetSegmenter, work_dir: str | os.PathLike, max_uploa
 
     def process(upload: Path, name: str, folder: Path) -> dict:
         t0 = time.perf_counter()
-        loaded = load_upload(upload, name, folder)
+        with _slot(decodes, slot_timeout_s, "all decode slots taken"):
+            loaded = load_upload(upload, name, folder, limits)
         mask, affine = segmenter(loaded.nifti_path)
         if mask.shape != loaded.array.shape:
             raise RuntimeError(f"mask shape {mask.shape} differs from the input {loaded.array.shape}")
@@ -271,24 +340,34 @@ def create_app(segmenter: HUNetSegmenter, work_dir: str | os.PathLike, max_uploa
 
     @app.get("/api/health")
     def health() -> dict:
-        return {"status": "ok", "weights": segmenter.weights, "max_upload_bytes": max_upload_bytes}
+        return {"status": "ok", "weights": Path(segmenter.weights).name, "max_upload_bytes": max_upload_bytes,
+                "max_image_voxels": limits.max_voxels, "max_slice_pixels": limits.max_slice_pixels}
 
     @app.post("/api/segment")
     async def segment(request: Request) -> JSONResponse:
         folder = work_root / uuid.uuid4().hex
         folder.mkdir()
         try:
-            upload, name = await receive_upload(request, folder)
-            result = await run_in_threadpool(process, upload, name, folder)
+            with retention.in_use(folder):
+                try:
+                    upload, name = await receive_upload(request, folder)
+                    result = await run_in_threadpool(process, upload, name, folder)
+                except BaseException:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise
         except _TooLarge as e:
-            shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(413, f"upload larger than the limit of {max_upload_bytes} bytes") from e
-        except UploadError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPException(e.status, str(e)) from e
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        except InputError as e:  # UploadError and the image guard's errors: 413, 415, 422
+            raise HTTPException(e.status_code, public_detail(str(e))) from e
+        except ServiceBusy as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "30"}) from e
+        except HTTPException as e:
+            raise HTTPException(e.status_code, public_detail(e.detail), e.headers) from e
+        except Exception as e:
+            logger.exception("request %s failed", folder.name)
+            raise HTTPException(500, "internal error while processing the image; see the service log") from e
+        finally:
+            await run_in_threadpool(retention.sweep)
         return JSONResponse(result)
 
     @app.get("/api/results/{rid}")
@@ -354,7 +433,17 @@ def main(argv: list[str] | None = None) -> None:
         "--work_dir", default=None, help="folder of the per-request folders (default <bundle_root>/runs/hunet_service)"
     )
     ap.add_argument("--max_upload_mb", type=float, default=200.0)
-    ap.add_argument("--max_concurrent", type=int, default=1, help="inferences run at the same time")
+    ap.add_argument("--max_concurrent", type=int, default=1, help="pipelines (load, preprocess, infer) at the same time")
+    ap.add_argument("--max_concurrent_decodes", type=int, default=1, help="uploads checked and decoded at the same time")
+    ap.add_argument("--slot_timeout_s", type=float, default=300.0, help="longest wait for a slot, then 503")
+    ap.add_argument("--max_image_voxels", type=int, default=UPLOAD_LIMITS.max_voxels, help="voxels of an upload")
+    ap.add_argument("--max_image_mb", type=float, default=UPLOAD_LIMITS.max_bytes / 1024**2,
+                    help="decoded size of an upload at its stored data type")
+    ap.add_argument("--max_slice_pixels", type=int, default=UPLOAD_LIMITS.max_slice_pixels,
+                    help="pixels of the largest plane (a PNG's pixels)")
+    ap.add_argument("--max_files", type=int, default=UPLOAD_LIMITS.max_files, help="files of a DICOM zip")
+    ap.add_argument("--retention_hours", type=float, default=24.0, help="result folders older than this are removed")
+    ap.add_argument("--max_results", type=int, default=1000, help="result folders kept (the newest)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--override", action="append", default=[], help="config KEY=JSON_VALUE, e.g. img_size=128")
     ap.add_argument(
@@ -372,9 +461,13 @@ def main(argv: list[str] | None = None) -> None:
         _parse_overrides(args.override),
         args.allow_untrained,
         args.max_concurrent,
+        args.slot_timeout_s,
     )
     work = args.work_dir or os.path.join(args.bundle_root, "runs", "hunet_service")
-    app = create_app(seg, work, int(args.max_upload_mb * 1024**2))
+    limits = ImageLimits(max_voxels=args.max_image_voxels, max_bytes=int(args.max_image_mb * 1024**2),
+                         max_slice_pixels=args.max_slice_pixels, max_files=args.max_files)
+    app = create_app(seg, work, int(args.max_upload_mb * 1024**2), limits, args.max_concurrent_decodes,
+                     args.slot_timeout_s, args.retention_hours, args.max_results)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

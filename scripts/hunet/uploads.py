@@ -1,32 +1,44 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Reading uploaded images for the Mamba-HUNet service: type detection, safe unzip, checks, conversion to NIfTI."""
+"""Reading uploaded images for the Mamba-HUNet service: type detection, header checks, safe unzip, conversion to NIfTI.
+
+Every upload's header is checked by :func:`scripts.image_guard.check_image` against :data:`UPLOAD_LIMITS` (or the
+service's limits) before a reader allocates its array; messages name the file by the client's file name only, never
+by a server path.
+"""
 
 from __future__ import annotations
 
 import logging
-import shutil
-import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from scripts.hunet.transforms import safe_stem, save_nifti_atomic
+from scripts.hunet.transforms import save_nifti_atomic
+from scripts.image_guard import ImageLimits, InputError, check_image, safe_extract_zip
 
-__all__ = ["UploadError", "LoadedUpload", "detect_kind", "load_upload", "safe_unzip"]
+__all__ = ["UPLOAD_LIMITS", "UploadError", "LoadedUpload", "detect_kind", "load_upload", "safe_unzip"]
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("nifti", "nrrd", "dicom", "dicom_zip", "png")
 
+#: Limits of the lesion service's uploads: a 3D FLAIR of 512 x 512 x 400 at most, in-plane at most 4096 x 4096 (a
+#: 10000 x 10000 PNG is refused: every slice is resized to the network's 256 x 256 anyway).
+UPLOAD_LIMITS = ImageLimits(max_voxels=512 * 512 * 400, max_bytes=1024**3, max_slice_pixels=4096 * 4096)
 
-class UploadError(ValueError):
-    """A client error on an uploaded file; ``status`` is the HTTP status to answer with."""
+
+class UploadError(InputError):
+    """A client error on an uploaded file; ``status`` (``status_code``) is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
+        super().__init__(message, status)
+
+    @property
+    def status(self) -> int:
+        return self.status_code
 
 
 @dataclass
@@ -62,25 +74,12 @@ def detect_kind(path: Path, filename: str) -> str:
     )
 
 
-def safe_unzip(zip_path: Path, out_dir: Path, max_files: int = 4000, max_bytes: int = 2 * 1024**3) -> Path:
-    """Extract the regular files of a zip flat into ``out_dir`` under sanitised numbered names (no traversal)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            members = [m for m in zf.infolist() if not m.is_dir()]
-            if not members:
-                raise UploadError("the zip archive holds no files")
-            if len(members) > max_files or sum(m.file_size for m in members) > max_bytes:
-                raise UploadError(f"the zip archive is too large (at most {max_files} files, {max_bytes} bytes)", 413)
-            for i, m in enumerate(members):
-                base = Path(m.filename.replace("\\", "/")).name
-                if base.startswith(".") or base.startswith("__MACOSX"):
-                    continue
-                target = out_dir / f"{i:05d}_{safe_stem(base, 'file')}.dcm"
-                with zf.open(m) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    except zipfile.BadZipFile as e:
-        raise UploadError(f"corrupt zip archive: {e}") from e
+def safe_unzip(
+    zip_path: Path, out_dir: Path, limits: ImageLimits | Mapping | None = None, name: str = "the zip archive"
+) -> Path:
+    """Extract the regular files of a zip flat into ``out_dir`` under numbered names (no traversal), within the
+    file-count, size and compression-ratio budget of ``limits`` (see :func:`scripts.image_guard.safe_extract_zip`)."""
+    safe_extract_zip(zip_path, out_dir, UPLOAD_LIMITS if limits is None else limits, name)
     return out_dir
 
 
@@ -92,8 +91,10 @@ def _read_png(path: Path) -> tuple[np.ndarray, np.ndarray]:
             im.load()
             mode = im.mode
             arr = np.asarray(im)
+    except Image.DecompressionBombError as e:  # check_image refuses these first; never a 500
+        raise UploadError(f"the PNG image is too large to decode: {e}", 413) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UploadError(f"corrupt PNG image: {e}") from e
+        raise UploadError(f"corrupt PNG image: {type(e).__name__}") from e
     if arr.ndim == 3:
         colour = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
         if not all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(colour.shape[-1])):
@@ -109,7 +110,7 @@ def _read_monai(path: Path, reader: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = LoadImage(image_only=True, reader=reader)(str(path))
     except Exception as e:  # readers raise many types for corrupt input
-        raise UploadError(f"could not read the image ({reader}): {type(e).__name__}: {e}") from e
+        raise UploadError(f"could not read the image ({reader}): {type(e).__name__}") from e
     return np.asarray(img, dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
 
 
@@ -118,22 +119,29 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:
-        raise UploadError(f"corrupt NIfTI file: {type(e).__name__}: {e}") from e
+        raise UploadError(f"corrupt NIfTI file: {type(e).__name__}") from e
     return arr, np.asarray(img.affine, dtype=np.float64)
 
 
-def load_upload(path: Path, filename: str, work_dir: Path, max_voxels: int = 512 * 512 * 400) -> LoadedUpload:
-    """Check an uploaded file and convert it into ``work_dir/input.nii.gz`` (single channel, float32).
+def load_upload(
+    path: Path, filename: str, work_dir: Path, limits: ImageLimits | Mapping | None = None
+) -> LoadedUpload:
+    """Check an uploaded file's header, then convert it into ``work_dir/input.nii.gz`` (single channel, float32).
 
     Args:
         path: the stored upload (inside ``work_dir``).
-        filename: the client's file name (only its suffix is used).
+        filename: the client's file name (its suffix picks nothing but the message name; the kind comes from the
+            magic bytes).
         work_dir: the request's own folder.
-        max_voxels: largest accepted number of voxels.
+        limits: size limits (:class:`scripts.image_guard.ImageLimits` or a mapping of its fields); default
+            :data:`UPLOAD_LIMITS`. ``max_voxels`` also bounds the decoded array.
 
     Raises:
-        UploadError: unsupported type (415), corrupt file or wrong number of channels / dimensions (422).
+        InputError: :class:`UploadError` for an unsupported type (415), a corrupt file or wrong number of channels /
+            dimensions (422); the guard's ``ImageTooLargeError`` (413) and ``InputError`` (422) before decoding.
     """
+    limits = UPLOAD_LIMITS if limits is None else ImageLimits.coerce(limits)
+    shown = Path(str(filename).replace("\\", "/")).name or "upload"
     kind = detect_kind(path, filename)
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
@@ -145,16 +153,16 @@ def load_upload(path: Path, filename: str, work_dir: Path, max_voxels: int = 512
         "png": ".png",
     }[kind]
     path = path.rename(work_dir / f"upload{suffix}")  # the readers pick the format by suffix
+    source = safe_unzip(path, work_dir / "dicom", limits, shown) if kind == "dicom_zip" else path
+    check_image(source, limits, name=shown)  # before any array is allocated
     if kind == "png":
         arr, affine = _read_png(path)
     elif kind == "nifti":
         arr, affine = _read_nifti(path)
     elif kind == "nrrd":
         arr, affine = _read_monai(path, "NrrdReader")
-    elif kind == "dicom":
-        arr, affine = _read_monai(path, "PydicomReader")
     else:
-        arr, affine = _read_monai(safe_unzip(path, work_dir / "dicom"), "PydicomReader")
+        arr, affine = _read_monai(source, "PydicomReader")
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 2:
@@ -165,12 +173,15 @@ def load_upload(path: Path, filename: str, work_dir: Path, max_voxels: int = 512
             affine = a
     if arr.ndim != 3:
         raise UploadError(f"expected a single-channel 2D image or 3D volume, got an array of shape {arr.shape}")
-    if min(arr.shape[:2]) < 2 or arr.size > max_voxels:
+    if min(arr.shape[:2]) < 2 or arr.size > limits.max_voxels:
         raise UploadError(
-            f"image size {arr.shape} is out of range (at least 2x2 in plane, at most {max_voxels} voxels)"
+            f"image size {arr.shape} is out of range (at least 2x2 in plane, at most {limits.max_voxels} voxels)",
+            413 if arr.size > limits.max_voxels else 422,
         )
     if not np.isfinite(arr).all():
         raise UploadError("the image holds NaN or infinite values")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise UploadError("the image has no valid geometry (e.g. a DICOM series with repeated slice positions)")
     out = save_nifti_atomic(arr.astype(np.float32), affine, work_dir / "input.nii.gz")
     return LoadedUpload(
         kind=kind, upload_path=path, nifti_path=out, array=arr, affine=affine, display_flip=kind != "png"
