@@ -1,5 +1,6 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Ignite handlers of the bundle: resumable latest checkpoint, training curves plot, metrics JSON."""
+"""Ignite handlers of the bundle: resumable latest checkpoint (single-process and torchrun alike), best model,
+distributed validation with fewer cases than ranks, training curves plot, metrics JSON."""
 
 from __future__ import annotations
 
@@ -7,20 +8,69 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sized
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
-from monai.metrics import compute_confusion_matrix_metric
+from monai.metrics import Cumulative, compute_confusion_matrix_metric
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from torch.optim.lr_scheduler import PolynomialLR
 
-from .io_utils import atomic_path, atomic_torch_save, atomic_write_text
+from .io_utils import atomic_path, atomic_torch_save, atomic_write_text, remove_stale_temp_files
 
-__all__ = ["BestModelSaver", "LatestCheckpoint", "loads_checkpoint", "TrainingCurves", "MetricsJSONWriter"]
+__all__ = [
+    "BestModelSaver", "LatestCheckpoint", "loads_checkpoint", "continue_poly_schedule", "unwrap_module",
+    "ValidationShardSampler", "IgnoreStandIn", "TrainingCurves", "MetricsJSONWriter",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def _is_main_process() -> bool:
+    """Whether this process writes files: rank 0 of a torchrun group, or a single process."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def unwrap_module(obj):
+    """The network inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper; any other object as is."""
+    if isinstance(obj, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        return obj.module
+    return obj
+
+
+def continue_poly_schedule(scheduler: PolynomialLR, total_iters: int, power: float) -> list[float]:
+    """Put a resumed :class:`~torch.optim.lr_scheduler.PolynomialLR` on the polynomial curve of the current run.
+
+    A restored scheduler keeps the ``total_iters`` (and ``power``) of the run that saved it, so a finished run
+    extended with more epochs would stay at learning rate 0 (PyTorch steps the polynomial multiplicatively from
+    the current rate). This sets ``total_iters`` and ``power`` to the current run's values and the rate of every
+    parameter group to the closed form at the resumed position ``e = scheduler.last_epoch`` (epochs done)::
+
+        lr = base_lr * (1 - min(e, total_iters) / total_iters) ** power
+
+    so the following steps continue on the curve over the new total, as if the run had been planned that long.
+
+    Args:
+        scheduler: the restored scheduler (its optimizer's state restored too).
+        total_iters: the current run's number of scheduler steps (epochs).
+        power: the current run's polynomial power.
+
+    Returns:
+        the learning rate of each parameter group for the next epoch.
+    """
+    if total_iters < 1:
+        raise ValueError(f"total_iters must be a positive number of epochs, got {total_iters}.")
+    scheduler.total_iters, scheduler.power = total_iters, power
+    factor = (1.0 - min(scheduler.last_epoch, total_iters) / total_iters) ** power
+    lrs = [base_lr * factor for base_lr in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)  # what get_last_lr() and MONAI's LrScheduleHandler report
+    return lrs
 
 
 def loads_checkpoint(engine: Engine) -> bool:
@@ -33,11 +83,18 @@ class LatestCheckpoint:
     """Save the full training state every epoch and resume from it.
 
     At every ``save_interval`` epochs the state of every object of ``save_dict`` (network, optimizer, LR
-    scheduler, trainer, ...) is written to ``path`` atomically. With ``resume=True`` and an existing file, the
-    state is loaded when the trainer starts (``weights_only=True``), so the run continues after the last
-    completed epoch; the trainer's ``max_epochs`` of the current run is kept, so a resumed run may be extended.
+    scheduler, trainer, ...) is written to ``path`` atomically (by rank 0 only under torchrun). A network is
+    stored unwrapped (no ``module.`` prefix of ``DistributedDataParallel``), so a checkpoint of a torchrun run
+    resumes a single-process run and the other way round; old checkpoints with ``module.`` keys load too.
+    With ``resume=True`` and an existing file, the state is loaded when the trainer starts
+    (``weights_only=True``), so the run continues after the last completed epoch. The current run's length
+    wins over the checkpoint's: the trainer's ``max_epochs`` is kept, and a ``PolynomialLR`` keeps the current
+    ``total_iters`` and ``power`` and continues on that curve (:func:`continue_poly_schedule`), so a finished
+    run extended with more epochs trains on at a learning rate above 0.
     A run that also loads weights with a ``CheckpointLoader`` attached before this handler (e.g. MONAI Label's
     training from ``models/model.pt``) is a fine-tuning run: it starts at epoch 0 from those weights instead.
+    When the trainer starts, temporary files of an interrupted save of ``path`` are removed
+    (:func:`scripts.io_utils.remove_stale_temp_files`).
 
     Args:
         path: checkpoint file, e.g. ``models/checkpoint_latest.pt``.
@@ -59,26 +116,36 @@ class LatestCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
 
     def save(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        if not _is_main_process():
             return  # every rank holds the same state; rank 0 writes it
-        atomic_torch_save({k: v.state_dict() for k, v in self.save_dict.items()}, self.path)
+        atomic_torch_save({k: unwrap_module(v).state_dict() for k, v in self.save_dict.items()}, self.path)
         logger.info("epoch %d: saved the training state to %s", engine.state.epoch, self.path)
 
     def load(self, engine: Engine) -> None:
+        if _is_main_process():
+            remove_stale_temp_files(self.path)
         if not (self.resume and self.path.is_file()):
             return
         if loads_checkpoint(engine):
             logger.info("weights loaded by a CheckpointLoader: fine-tuning from epoch 0, not resuming %s", self.path)
             return
         max_epochs = engine.state.max_epochs
+        schedules = {k: (v.total_iters, v.power) for k, v in self.save_dict.items() if isinstance(v, PolynomialLR)}
         checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
         missing = [k for k in self.save_dict if k not in checkpoint]
         if missing:
             raise ValueError(f"checkpoint {self.path} lacks {missing}; delete it or start with resume=False.")
-        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
+        for key, obj in self.save_dict.items():
+            if isinstance(obj, torch.nn.Module):  # checkpoints written before unwrapping hold DDP's module. keys
+                consume_prefix_in_state_dict_if_present(checkpoint[key], "module.")
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)  # unwraps a DDP network itself
         if "trainer" in self.save_dict:
             engine.state.max_epochs = max_epochs
         logger.info("resumed from %s after epoch %d of %d", self.path, engine.state.epoch, max_epochs)
+        for key, (total_iters, power) in schedules.items():
+            lrs = continue_poly_schedule(self.save_dict[key], total_iters, power)
+            logger.info("%s continues the polynomial schedule over %d epochs at learning rate %.6g",
+                        key, total_iters, lrs[0])
 
 
 class BestModelSaver:
@@ -88,7 +155,8 @@ class BestModelSaver:
     ``state_dict`` atomically when it improves. Attached to a trainer too, it writes the final weights at the
     end of training if no validation ever ran (e.g. MONAI Label training without a validation split), so the
     served model is always refreshed. Its ``state_dict`` (best metric and epoch) is part of the resumable
-    checkpoint, so a resumed run does not forget its best model.
+    checkpoint, so a resumed run does not forget its best model. When the trainer starts, temporary files of an
+    interrupted save of ``path`` are removed (:func:`scripts.io_utils.remove_stale_temp_files`).
 
     Args:
         path: weights file.
@@ -116,13 +184,17 @@ class BestModelSaver:
 
         if isinstance(engine, Trainer):
             self._trainer = engine
+            engine.add_event_handler(Events.STARTED, self._start)
             engine.add_event_handler(Events.COMPLETED, self._final)
         else:
             engine.add_event_handler(Events.COMPLETED, self._compare)
 
+    def _start(self, engine: Engine) -> None:
+        if _is_main_process():
+            remove_stale_temp_files(self.path)
+
     def _weights(self) -> dict:
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        return net.state_dict()
+        return unwrap_module(self.network).state_dict()
 
     def _compare(self, engine: Engine) -> None:
         name = self.metric_name or getattr(engine.state, "key_metric_name", None)
@@ -139,6 +211,78 @@ class BestModelSaver:
         if self.best_epoch < 0:
             atomic_torch_save(self._weights(), self.path)
             logger.info("no validation ran: saved the final weights to %s", self.path)
+
+
+class ValidationShardSampler(torch.utils.data.Sampler[int]):
+    """This rank's share of the validation cases under torchrun: rank ``r`` of ``R`` gets cases ``r, r + R, ...``,
+    so every case is validated exactly once over all ranks (no padding with repeated cases).
+
+    With fewer cases than ranks, a rank without a case still has to run its evaluator: MONAI's cumulative metrics
+    (``MeanDice`` & co.) ``all_gather`` every rank's per-case rows when they are computed, and a rank without rows
+    either skips that collective (the other ranks then wait forever) or fails to stack an empty buffer. Such a rank
+    gets case 0 as a *stand-in* (``stand_in`` is True) and :class:`IgnoreStandIn` turns the stand-in's metric rows
+    into NaN, which every reduction of MONAI's metrics skips, so the metric is the mean over the real cases.
+    ``monai.data.DistributedSampler`` either pads with repeated cases (``even_divisible=True``: they are counted
+    twice) or refuses fewer cases than ranks (``even_divisible=False``).
+
+    Args:
+        data_source: the validation dataset (only its length is used).
+        num_replicas: number of ranks; default the torch.distributed world size (1 without a process group).
+        rank: this rank; default the torch.distributed rank (0 without a process group).
+    """
+
+    def __init__(self, data_source: Sized, num_replicas: int | None = None, rank: int | None = None) -> None:
+        dist = torch.distributed
+        grouped = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if grouped else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if grouped else 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas - 1] = [0, {self.num_replicas - 1}], got {self.rank}.")
+        size = len(data_source)
+        self.indices = list(range(self.rank, size, self.num_replicas))
+        self.stand_in = size > 0 and not self.indices
+        if self.stand_in:
+            self.indices = [0]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class IgnoreStandIn:
+    """Evaluator handler: on a rank whose :class:`ValidationShardSampler` validates a stand-in case, replace the
+    rows the stand-in added to each metric's buffer by NaN, so the metrics gathered over all ranks count every
+    real case exactly once (MONAI's metric reductions skip NaN; per-case details show the stand-in as a NaN row).
+
+    Attach it after the metrics (as one of the evaluator's ``val_handlers``: the metrics update first in every
+    iteration).
+
+    Args:
+        sampler: the evaluator data loader's sampler.
+        metrics: the evaluator's metric handlers (e.g. ``@validate#key_metric``), MONAI cumulative metrics.
+    """
+
+    def __init__(self, sampler: ValidationShardSampler, metrics: Mapping[str, object]) -> None:
+        self.sampler = sampler
+        self.metrics = dict(metrics)
+        for name, metric in self.metrics.items():
+            if not isinstance(getattr(metric, "metric_fn", None), Cumulative):
+                raise ValueError(f"metric {name!r} ({type(metric).__name__}) is not a MONAI cumulative metric "
+                                 "handler (e.g. MeanDice); IgnoreStandIn cannot exclude a stand-in case from it.")
+
+    def attach(self, engine: Engine) -> None:
+        if self.sampler.stand_in:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._blank)
+
+    def _blank(self, engine: Engine) -> None:
+        for name, metric in self.metrics.items():
+            fn = metric.metric_fn
+            buffers = fn._buffers or []  # Cumulative has no public way to edit its local rows
+            if any(not torch.is_floating_point(x) for b in buffers for x in b):
+                raise ValueError(f"metric {name!r} keeps non-float rows; a stand-in case cannot be set to NaN.")
+            fn._buffers = [[torch.full_like(x, float("nan")) for x in b] for b in buffers] if buffers else None
 
 
 class TrainingCurves:
@@ -164,6 +308,10 @@ class TrainingCurves:
     def json_path(self) -> Path:
         return self.output_dir / "training_curves.json"
 
+    @property
+    def png_path(self) -> Path:
+        return self.output_dir / "training_curves.png"
+
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
@@ -174,6 +322,8 @@ class TrainingCurves:
         self._trainer = engine
 
     def _start(self, engine: Engine) -> None:
+        for path in (self.json_path, self.png_path):
+            remove_stale_temp_files(path)
         if engine.state.epoch > 0 and self.json_path.is_file():  # resumed: keep the curves so far
             with open(self.json_path) as f:
                 old = json.load(f)
@@ -225,7 +375,7 @@ class TrainingCurves:
             ax2.set_ylim(0, 1)
         ax1.set_title("MambaClinix training")
         fig.tight_layout()
-        path = self.output_dir / "training_curves.png"
+        path = self.png_path
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100)
         plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -74,3 +75,18 @@ def env_with_root():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def torchrun_training_command(tmp, dataset_dir, datalist, nproc=2, **overrides):
+    """``torchrun`` (``torch.distributed.run``) command line of a gloo bundle training with ``TINY_PLAN``, the
+    multi-process override config, checkpoints in ``tmp/models`` and logs in ``tmp/runs``; ``overrides`` are
+    further top-level config values (e.g. ``epochs=2``)."""
+    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+            str(29500 + os.getpid() % 1000), "-m", "monai.bundle", "run", "training",
+            "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']",
+            "--meta_file", "configs/metadata.json", "--bundle_root", ".",
+            "--dataset_dir", str(dataset_dir), "--datalist", str(datalist), "--ckpt_dir", f"{tmp}/models",
+            "--output_dir", f"{tmp}/runs"]
+    for k, v in {**TINY_PLAN, **overrides}.items():
+        args += [f"--{k}", json.dumps(v)]
+    return args
