@@ -108,4 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from scripts.cli import install_error_handler
+
+    install_error_handler((ValueError, FileNotFoundError))  # the planner raises these for bad data only
     main()
