@@ -132,10 +132,14 @@ def step_runner(module: nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Residual block with two convolutions (nnU-Net's ``BasicBlockD``).
+    """Residual block with two convolutions: ``act(norm(conv(act(norm(conv(x))))) + skip(x))``.
 
-    The first convolution carries the stride; the skip path average-pools by the stride and projects with a
-    1x1 convolution + norm when the channel count changes.
+    The first convolution carries the stride. The skip path average-pools by the stride and, when the channel
+    count changes, projects with a 1x1 convolution. Two projections are used in the authors' network: in the
+    encoder and on the decoder's skips (dynamic-network-architectures' ``BasicBlockD``, ResNet-D) a 1x1
+    convolution *without* bias followed by the norm (``projection_norm=True``, the default); in the decoder blocks
+    that fuse the concatenated features (the authors' ``BasicResBlock``) a plain 1x1 convolution *with* bias and
+    no norm (``projection_norm=False``).
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -145,6 +149,7 @@ class ResidualBlock(nn.Module):
         stride: stride of the first convolution (down-sampling).
         norm: MONAI norm name or (name, kwargs).
         act: MONAI activation name or (name, kwargs).
+        projection_norm: ``True``: the 1x1 skip projection is conv (no bias) + norm; ``False``: conv with bias.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class ResidualBlock(nn.Module):
         stride: int | Sequence[int] = 1,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        projection_norm: bool = True,
     ) -> None:
         super().__init__()
         stride_t = _as_tuple(stride, spatial_dims, "stride")
@@ -165,7 +171,12 @@ class ResidualBlock(nn.Module):
         if any(s != 1 for s in stride_t):
             skip.append(StrideAvgPool(spatial_dims, stride_t))
         if in_channels != out_channels:
-            skip.append(ConvNormAct(spatial_dims, in_channels, out_channels, 1, 1, norm, None))
+            skip.append(
+                ConvNormAct(
+                    spatial_dims, in_channels, out_channels, 1, 1, norm if projection_norm else None, None,
+                    bias=not projection_norm,
+                )
+            )
         self.skip = nn.Sequential(*skip)
         self.act = get_act_layer(name=act)
         self.gradient_checkpointing = False
@@ -262,10 +273,12 @@ class HgConv(nn.Module):
 
 
 class HGCNBlock(nn.Module):
-    """Hierarchical gated convolutional network block (paper Eqs. 1-3).
+    """Hierarchical gated convolutional network block (paper Eqs. 1-3, as the authors' ``HGCN_BLOCK`` computes it).
 
-    ``x' = Stem(x)`` (1x1 conv + norm + act, ``C -> C/2``); ``x' = x' + DropPath(gamma * hgConv(LN(x')))``;
-    ``out = Conv(k, act)(x')`` then ``Conv(k)``, back to ``C``; the block returns ``x + DropPath(out)``.
+    ``h = Stem(x)``, a plain 1x1 convolution with bias (``C -> C/2``, no norm, no activation);
+    ``h = h + DropPath(gamma * hgConv(LN1(h)))``; ``out = Conv(k)(act(Conv(k)(LN2(h))))`` back to ``C`` (no norms);
+    the block returns ``x + DropPath(out)`` (no final activation). ``LN1`` and ``LN2`` are channels-first
+    LayerNorms (eps 1e-6).
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -275,8 +288,7 @@ class HGCNBlock(nn.Module):
         gating: ``"add"`` (authors) or ``"mul"`` (HorNet) hgConv gating.
         drop_path: stochastic-depth rate.
         layer_scale_init: initial value of the layer scale ``gamma``.
-        norm: MONAI norm of the stem.
-        act: MONAI activation.
+        act: MONAI activation after the first output convolution.
     """
 
     def __init__(
@@ -288,17 +300,17 @@ class HGCNBlock(nn.Module):
         gating: str = "add",
         drop_path: float = 0.0,
         layer_scale_init: float = 1e-6,
-        norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
     ) -> None:
         super().__init__()
         if channels % 2 != 0:
             raise ValueError(f"HGCN blocks halve their channels; got an odd channel count {channels}.")
         inner = channels // 2
-        self.stem = ConvNormAct(spatial_dims, channels, inner, 1, 1, norm, act)
+        self.stem = ConvNormAct(spatial_dims, channels, inner, 1, 1, None, None)
         self.norm = ChannelLayerNorm(inner)
         self.hgconv = HgConv(spatial_dims, inner, order, kernel_size, gating)
         self.gamma = nn.Parameter(layer_scale_init * torch.ones(inner))
+        self.norm2 = ChannelLayerNorm(inner)
         self.out_conv1 = ConvNormAct(spatial_dims, inner, channels, kernel_size, 1, None, act)
         self.out_conv2 = ConvNormAct(spatial_dims, channels, channels, kernel_size, 1, None, None)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -306,6 +318,9 @@ class HGCNBlock(nn.Module):
 
     def _gated(self, h: torch.Tensor) -> torch.Tensor:
         return self.hgconv(self.norm(h))
+
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out_conv1(self.norm2(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = step_runner(self)
@@ -315,15 +330,16 @@ class HGCNBlock(nn.Module):
             h = torch.addcmul(h, gamma, run(self._gated, h))
         else:
             h = h + self.drop_path(gamma * run(self._gated, h))
-        return x + self.drop_path(run(self.out_conv2, run(self.out_conv1, h)))
+        return x + self.drop_path(run(self.out_conv2, run(self._out, h)))
 
 
 class ResidualMambaLayer(nn.Module):
     """Residual Mamba layer over the flattened feature map (paper Eqs. 7-10).
 
     ``tokens = flatten(x)``, ``y = Linear(LN(Mamba(LN(tokens))))`` with one LayerNorm used before and after
-    Mamba (as the authors' code does), and ``x + reshape(y)``. The layer runs in float32 with autocast off,
-    a documented float32 island: the selective scan is unstable in half precision.
+    Mamba (as the authors' code does), and ``x + reshape(y)``. The layer runs with autocast off and half-precision
+    inputs cast to float32, a documented float32 island: the selective scan is unstable in half precision
+    (float64 inputs stay float64).
 
     Args:
         channels: feature channels (Mamba ``d_model``).
@@ -359,7 +375,7 @@ class ResidualMambaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.float()
+            h = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision -> float32
             channels_last = h.movedim(1, -1)  # a view; no copy when h is in channels-last memory
             tokens = channels_last.reshape(h.shape[0], -1, h.shape[1])  # (B, L, C), L in raster order
             normed = self.norm(tokens)

@@ -43,6 +43,12 @@ def fused_mamba_available() -> bool:
     return torch.cuda.is_available() and _fused_mamba_inner_fn() is not None
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or in float64 when it is float64: the scan parameters are kept in at least single
+    precision (mamba-ssm casts them with ``.float()``, which would round a float64 model's parameters)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _log_path_once(path: str) -> None:
     if path not in _LOGGED_PATHS:
         _LOGGED_PATHS.add(path)
@@ -153,14 +159,14 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba expects (batch, length, {self.d_model}), got {tuple(hidden_states.shape)}.")
         length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, length)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_at_least_float32(self.A_log))
         fused = _fused_mamba_inner_fn() if self.use_fast_path and xz.is_cuda else None
         if fused is not None and not torch.jit.is_tracing():
             _log_path_once("fused CUDA")
             return fused(
                 xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
-                delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                self.out_proj.weight, self.out_proj.bias, A, None, None, _at_least_float32(self.D),
+                delta_bias=_at_least_float32(self.dt_proj.bias), delta_softplus=True,
             )
         _log_path_once("pure PyTorch")
         x, z = xz.chunk(2, dim=1)
@@ -169,7 +175,7 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes into the scan as delta_bias
         y = selective_scan(
-            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.scan_backend,
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), _at_least_float32(self.D), z=z,
+            delta_bias=_at_least_float32(self.dt_proj.bias), delta_softplus=True, backend=self.scan_backend,
         )
         return self.out_proj(y.transpose(1, 2))

@@ -25,6 +25,7 @@ from .blocks import (
     step_runner,
 )
 from .conv import conv_layer
+from .initialization import he_init_
 
 __all__ = ["MambaClinix", "default_block_types", "default_hgcn_orders"]
 
@@ -79,7 +80,12 @@ class MambaClinix(nn.Module):
     by an HGCN block (early stages, hgConv of increasing order) or a residual Mamba layer (later stages); a
     channels-first LayerNorm precedes the last HGCN block. Decoder: a residual block on the bottleneck, then
     per level nearest up-sampling + 1x1 conv, a residual block on the skip, concatenation, and a residual
-    block back to the level's width, with a 1x1 segmentation head per level.
+    block back to the level's width (its 1x1 shortcut a plain convolution), with a 1x1 segmentation head per level.
+
+    With the defaults, the 3D network computes the function of the authors' ``MambaClinix_3d.py`` (built by
+    nnU-Net from a plan, including its He initialisation); ``tests/test_authors_fixture.py`` checks this against
+    outputs of the authors' code, and :func:`scripts.networks.authors_state_dict_to_bundle` converts their
+    weights. The 2D network is the same design in 2D.
 
     Args:
         spatial_dims: 2 or 3.
@@ -111,6 +117,10 @@ class MambaClinix(nn.Module):
             (default) turns it on for 3D inputs on CPU, where oneDNN's kernels are about 1.3x faster in that
             layout; the output is returned channels-first (contiguous) either way and the results are the same
             up to float rounding.
+        he_init: initialise the network as nnU-Net does (:func:`scripts.networks.initialization.he_init_`:
+            Kaiming-normal convolution weights with ``a=1e-2``, zero convolution biases; Mamba's ``conv1d``, the
+            linear layers, norms and layer scales keep their own initialisation). ``False`` keeps PyTorch's
+            default initialisation of the convolutions.
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class MambaClinix(nn.Module):
         scan_backend: str | None = None,
         gradient_checkpointing: bool | str = False,
         channels_last: bool | None = None,
+        he_init: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -185,9 +196,7 @@ class MambaClinix(nn.Module):
                 if s == last_hgcn:
                     layers.append(ChannelLayerNorm(features[s]))
                 layers.append(
-                    HGCNBlock(
-                        spatial_dims, features[s], next(orders), kernels[s], hgcn_gating, drop_rates[s], norm=norm, act=act
-                    )
+                    HGCNBlock(spatial_dims, features[s], next(orders), kernels[s], hgcn_gating, drop_rates[s], act=act)
                 )
             elif block_types[s] == "mamba":
                 layers.append(ResidualMambaLayer(features[s], d_state, d_conv, expand, mamba_scan, scan_backend))
@@ -204,9 +213,15 @@ class MambaClinix(nn.Module):
         for s in range(num_stages - 2, -1, -1):  # decoder levels, deepest first
             self.up.append(UpsampleBlock(spatial_dims, features[s + 1], features[s], stride_list[s + 1]))
             self.skip_blocks.append(ResidualBlock(spatial_dims, features[s], features[s], kernels[s], 1, norm, act))
-            self.fuse_blocks.append(ResidualBlock(spatial_dims, 2 * features[s], features[s], kernels[s], 1, norm, act))
+            self.fuse_blocks.append(
+                ResidualBlock(
+                    spatial_dims, 2 * features[s], features[s], kernels[s], 1, norm, act, projection_norm=False
+                )
+            )
             self.heads.append(conv(features[s], out_channels, kernel_size=1))
         self.gradient_checkpointing = gradient_checkpointing  # also switches it in the blocks (property)
+        if he_init:
+            he_init_(self)
 
     @property
     def gradient_checkpointing(self) -> bool | str:
@@ -248,6 +263,17 @@ class MambaClinix(nn.Module):
         return self.fuse_blocks[level](torch.cat([up, skip], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Segmentation logits: with ``deep_supervision`` in training mode one tensor per decoder level (full
+        resolution first), otherwise the full-resolution logits."""
+        outputs = self._forward(x, all_levels=self.deep_supervision and self.training)
+        return outputs if self.deep_supervision and self.training else outputs[0]
+
+    def deep_supervision_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The logits of every decoder level, full resolution first, in training and in eval mode alike (what
+        the authors' network returns whenever its ``deep_supervision`` is on)."""
+        return self._forward(x, all_levels=True)
+
+    def _forward(self, x: torch.Tensor, all_levels: bool) -> list[torch.Tensor]:
         if not torch.jit.is_tracing():
             self._check_input(x)
         memory_format = self._memory_format(x)
@@ -270,8 +296,6 @@ class MambaClinix(nn.Module):
         for i, head in enumerate(self.heads):
             up, skip = run(self.up[i], h), run(self.skip_blocks[i], skips[-(i + 2)])
             h = run(functools.partial(self._fuse, i), up, skip)
-            if (self.deep_supervision and self.training) or i == last:
+            if all_levels or i == last:
                 outputs.append(head(h).contiguous())
-        if self.deep_supervision and self.training:
-            return outputs[::-1]
-        return outputs[-1]
+        return outputs[::-1]
