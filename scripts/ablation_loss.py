@@ -401,7 +401,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         f"- Network: MambaClinix, features {list(FEATURES)}, strides {[list(s) for s in STRIDES]}, kernels "
         f"{[list(k) for k in KERNELS]}, blocks {build_network().block_types}, deep supervision; region grid "
-        f"{list(NUM_REGIONS)}; RS pooling: `sum` (our default) unless the setting says `mean`.",
+        f"{list(NUM_REGIONS)}; RS pooling: `sum` unless the setting says `mean` (the bundle's default is now `mean`, the authors').",
         f"- Pipeline: in-plane resampling to {cfg['pixdim']} mm, {cfg['scheme']} normalisation, "
         "RandCropByPosNegLabel (pos 2 : neg 1), flips, intensity scale/shift, noise; sliding-window inference "
         "(Gaussian, overlap 0.25), logits inverted to the original grid.",

@@ -22,12 +22,17 @@ class MirroringSlidingWindowInferer(SlidingWindowInferer):
     blending: ``mode="gaussian"``; ``overlap`` between windows).
 
     Args:
-        mirror_axes: spatial axes to mirror; ``None`` or empty for a single pass.
+        mirror_axes: spatial axes to mirror; ``None``, empty, or the text ``"null"`` / ``"none"`` (what a
+            command-line override ``--tta_mirror_axes null`` delivers) for a single pass.
         args, kwargs: passed to :class:`monai.inferers.SlidingWindowInferer`.
     """
 
-    def __init__(self, *args: Any, mirror_axes: Sequence[int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mirror_axes: Sequence[int] | str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if isinstance(mirror_axes, str):
+            if mirror_axes.strip().lower() not in ("", "null", "none"):
+                raise ValueError(f"mirror_axes must be a list of spatial axes or null, got the text {mirror_axes!r}.")
+            mirror_axes = None
         self.mirror_axes = tuple(int(a) for a in mirror_axes) if mirror_axes else ()
         if any(a < 0 for a in self.mirror_axes):
             raise ValueError(f"mirror_axes are 0-based spatial axes (>= 0), got {self.mirror_axes}.")

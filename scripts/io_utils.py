@@ -13,9 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "remove_stale_temp_files"]
+__all__ = [
+    "atomic_path", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "save_nifti_atomic",
+    "remove_stale_temp_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,19 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically: an interrupted save leaves the previous file intact."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``array`` as NIfTI (dtype kept) with ``affine`` (4 x 4, as given: permuted and oblique axes too)
+    as both qform and sform, atomically."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
 
 
 def remove_stale_temp_files(path: str | os.PathLike, min_age_s: float = 60.0) -> list[Path]:

@@ -27,9 +27,14 @@ from monai.networks import one_hot
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["RegionTverskyLoss", "DiceCERegionTverskyLoss", "MambaClinixLoss", "deep_supervision_weights"]
+__all__ = [
+    "RegionTverskyLoss", "DiceCERegionTverskyLoss", "MambaClinixLoss", "deep_supervision_weights", "AUTHORS_REGION_GRID",
+]
 
 _POOLING_MODES = ("sum", "mean")
+# the region grid of the authors' MambaClinix trainer (nnUNetTrainerMambaClinixTRS: num_region_per_axis), the same
+# for every dataset and patch; cells per array axis of the network input
+AUTHORS_REGION_GRID = (8, 8, 14)
 
 
 def deep_supervision_weights(levels: int) -> list[float]:
@@ -235,11 +240,12 @@ class RegionTverskyLoss(_Loss):
     (Eq. 15); the adaptive coefficients put the heavier penalty on the dominant error of each cell and are not
     detached from the graph (as in the authors' code).
 
-    Normalisation: with ``pooling="sum"`` (default) the cell statistics are sums, so ``num_regions=1`` with
+    Normalisation: with ``pooling="mean"`` (default) the cell statistics are cell averages, as the authors'
+    ``AdaptiveAvgPool`` computes them; ``pooling="sum"`` uses cell sums instead, so ``num_regions=1`` with
     ``adaptive=False`` equals ``monai.losses.TverskyLoss(alpha=alpha, beta=beta, smooth_nr=smooth,
-    smooth_dr=smooth, batch=batch)`` with the same flags. ``pooling="mean"`` uses cell averages as the
-    authors' ``AdaptiveAvgPool`` does; it is the same as ``"sum"`` with ``smooth`` multiplied by the voxel count
-    of each cell, i.e. a much weaker smoothing term (which matters in cells where a class is absent).
+    smooth_dr=smooth, batch=batch)`` with the same flags. ``"mean"`` is ``"sum"`` with ``smooth`` multiplied by
+    the voxel count of each cell, i.e. a much weaker smoothing term (which matters in cells where a class is
+    absent). The default grid is the authors' ``(8, 8, 14)`` (:data:`AUTHORS_REGION_GRID`), per array axis.
 
     Reference: Bian et al., "MambaClinix: Hierarchical Gated Convolution and Mamba-Based U-Net for Enhanced
     3D Medical Image Segmentation", 2024, https://arxiv.org/abs/2409.12533.
@@ -261,12 +267,12 @@ class RegionTverskyLoss(_Loss):
             (B, C', *grid) otherwise (C' = classes after dropping the background).
         ignore_index: voxels whose target equals this value (for multi-channel targets: in any channel) are
             removed by zeroing prediction and target there.
-        pooling: ``"sum"`` or ``"mean"`` cell statistics, see above.
+        pooling: ``"mean"`` (default, the authors') or ``"sum"`` cell statistics, see above.
     """
 
     def __init__(
         self,
-        num_regions: int | Sequence[int] = (8, 8, 8),
+        num_regions: int | Sequence[int] = AUTHORS_REGION_GRID,
         alpha: float = 0.3,
         beta: float = 0.4,
         include_background: bool = False,
@@ -278,7 +284,7 @@ class RegionTverskyLoss(_Loss):
         adaptive: bool = True,
         reduction: LossReduction | str = LossReduction.MEAN,
         ignore_index: int | None = None,
-        pooling: str = "sum",
+        pooling: str = "mean",
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if softmax and sigmoid:
@@ -386,7 +392,7 @@ class DiceCERegionTverskyLoss(_Loss):
         smooth: smoothing term of Dice (``smooth_nr = smooth_dr``) and RS.
         ignore_index: voxels whose target equals this value are masked out of all three terms: CE/BCE is
             averaged over the remaining voxels only, Dice and RS see zero prediction and target there.
-        pooling: ``"sum"`` or ``"mean"`` region statistics of the RS term.
+        pooling: ``"mean"`` (default, the authors') or ``"sum"`` region statistics of the RS term.
     """
 
     def __init__(
@@ -394,7 +400,7 @@ class DiceCERegionTverskyLoss(_Loss):
         lambda_ce: float = 1.0,
         lambda_dice: float = 1.0,
         lambda_rs: float = 0.8,
-        num_regions: int | Sequence[int] = (8, 8, 8),
+        num_regions: int | Sequence[int] = AUTHORS_REGION_GRID,
         alpha: float = 0.3,
         beta: float = 0.4,
         adaptive: bool = True,
@@ -405,7 +411,7 @@ class DiceCERegionTverskyLoss(_Loss):
         batch: bool = True,
         smooth: float = 1e-5,
         ignore_index: int | None = None,
-        pooling: str = "sum",
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         if int(softmax) + int(sigmoid) != 1:
@@ -521,7 +527,8 @@ class MambaClinixLoss(DeepSupervisionLoss):
         smooth: smoothing term of Dice and RS.
         ignore_index: target value whose voxels are masked out of all terms.
         ds_weights: explicit weights, one per deep-supervision output (full resolution first), used as given.
-        pooling: ``"sum"`` or ``"mean"`` region statistics of the RS term (see :class:`RegionTverskyLoss`).
+        pooling: ``"mean"`` (default, the authors') or ``"sum"`` region statistics of the RS term (see
+            :class:`RegionTverskyLoss`).
     """
 
     def __init__(
@@ -529,7 +536,7 @@ class MambaClinixLoss(DeepSupervisionLoss):
         lambda_ce: float = 1.0,
         lambda_dice: float = 1.0,
         lambda_rs: float = 0.8,
-        num_regions: int | Sequence[int] = (8, 8, 8),
+        num_regions: int | Sequence[int] = AUTHORS_REGION_GRID,
         alpha: float = 0.3,
         beta: float = 0.4,
         adaptive: bool = True,
@@ -541,7 +548,7 @@ class MambaClinixLoss(DeepSupervisionLoss):
         smooth: float = 1e-5,
         ignore_index: int | None = None,
         ds_weights: Sequence[float] | None = None,
-        pooling: str = "sum",
+        pooling: str = "mean",
     ) -> None:
         level_loss = DiceCERegionTverskyLoss(
             lambda_ce=lambda_ce,

@@ -39,6 +39,7 @@ __all__ = [
     "estimate_training_memory_gb",
     "extract_fingerprint",
     "plan_experiment",
+    "region_grid",
     "plan_topology",
 ]
 
@@ -98,7 +99,6 @@ FIXED_OVERHEAD_GB = {"cpu": 0.5, "gpu": 1.0}
 CUDA context and cuDNN workspaces on GPU."""
 
 _MAX_FEATURES = {2: 512, 3: 320}
-_MAX_REGIONS_PER_AXIS = 8
 _MIN_REGION_EDGE = 4
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".mgz", ".mgh")
 
@@ -530,6 +530,25 @@ def _next_smaller(spacing: Sequence[float], patch: list[int], axis: int, floor: 
     return None
 
 
+def region_grid(patch_size: Sequence[int]) -> list[int]:
+    """Region grid of the RS loss for a patch, chosen as the authors' trainer does: its fixed grid
+    ``AUTHORS_REGION_GRID = (8, 8, 14)`` cells per array axis whatever the dataset and patch (their patches range
+    from (40, 224, 192) to (128, 128, 128)); 2D patches take its last two entries, (8, 14), the in-plane pair.
+    Only where a patch is too small for it (an axis shorter than 4 voxels per cell) is an axis reduced, to
+    ``max(1, patch // 4)`` cells. Every patch of the paper's Table 2 and the demo's (32, 64, 56) get (8, 8, 14).
+
+    Args:
+        patch_size: the patch, 2 or 3 axes.
+    """
+    from .losses import AUTHORS_REGION_GRID  # torch only when planning, not when reading this module
+
+    patch = [int(p) for p in patch_size]
+    if len(patch) not in (2, 3) or min(patch) < 1:
+        raise ValueError(f"patch_size must have 2 or 3 positive entries, got {list(patch_size)}.")
+    grid = AUTHORS_REGION_GRID[-len(patch):]
+    return [max(1, min(r, p // _MIN_REGION_EDGE)) for r, p in zip(grid, patch)]
+
+
 def plan_experiment(
     fingerprint: Mapping[str, Any],
     gpu_memory_gb: float | None = None,
@@ -709,7 +728,7 @@ def plan_experiment(
     if n_out > 1:
         ds[-1] = 0.0
     ds = [w / sum(ds) for w in ds] if n_out else []
-    num_regions = [max(1, min(_MAX_REGIONS_PER_AXIS, p // _MIN_REGION_EDGE)) for p in patch]
+    num_regions = region_grid(patch)
 
     plan = {
         "spatial_dims": dims,

@@ -5,18 +5,23 @@ selection, and an atomic segmentation writer."""
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor, NibabelWriter
-from monai.transforms import MapTransform, SaveImaged
+from monai.data import MetaTensor
+from monai.data.utils import to_affine_nd
+from monai.transforms import Affine, Flip, MapTransform, RandAdjustContrast, Randomizable, RandomizableTransform, SaveImaged
+from monai.utils import ensure_tuple_rep
+from monai.utils.misc import MAX_SEED
 
 from .image_guard import InputError
-from .io_utils import atomic_path
+from .io_utils import save_nifti_atomic
 
 __all__ = [
     "NormalizeChannelsd",
@@ -24,6 +29,12 @@ __all__ = [
     "AtomicSaveSegmentationd",
     "full_resolution",
     "nonzero",
+    "RandRotateScaled",
+    "RandPerChanneld",
+    "RandGamma",
+    "RandMirrord",
+    "nnunet_uniform",
+    "nnunet_rotation_range",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,13 +175,249 @@ class AtomicSaveSegmentationd(SaveImaged):
                     stem = stem[: -len(ext)]
                     break
             final = self.out_dir / f"{stem}_{self.postfix}.nii.gz"
-            arr = torch.as_tensor(img).detach().cpu()
-            writer = NibabelWriter(output_dtype=self.dtype)
-            writer.set_data_array(arr, channel_dim=0 if arr.ndim == 4 or arr.shape[0] == 1 else None)
-            affine = img.affine if isinstance(img, MetaTensor) else None
-            writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-            with atomic_path(final) as tmp:
-                writer.write(str(tmp), verbose=False)
+            arr = np.asarray(torch.as_tensor(img).detach().cpu()).astype(self.dtype)
+            if arr.ndim == 4 or arr.shape[0] == 1:  # channel first -> last; a single channel dropped
+                arr = np.moveaxis(arr, 0, -1)
+                arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+            affine = np.asarray(img.affine, dtype=np.float64) if isinstance(img, MetaTensor) else np.eye(4)
+            # the affine as it is, permuted axes included (MONAI's NibabelWriter fails on permuted affines)
+            save_nifti_atomic(arr, to_affine_nd(3, affine), final)
             logger.info("saved %s", final)
             d[f"{key}_path"] = str(final)
+        return d
+
+
+# ---- nnU-Net's default training augmentation: the pieces MONAI does not have ----------------------------------
+# (batchgenerators semantics as used by nnU-Net v2's nnUNetTrainer.get_training_transforms; the intensity and
+# resampling operations themselves are MONAI's)
+
+
+def nnunet_uniform(rng: np.random.RandomState, low: float, high: float) -> float:
+    """A factor from ``[low, high]`` as nnU-Net samples scale and gamma: when the range straddles 1, below 1 and
+    above 1 are equally likely (uniform within each side); otherwise uniform over the range."""
+    if low > high:
+        raise ValueError(f"the range must be (low, high) with low <= high, got ({low}, {high}).")
+    if low < 1.0 < high and rng.uniform() < 0.5:
+        return float(rng.uniform(low, 1.0))
+    return float(rng.uniform(max(low, 1.0) if low < 1.0 < high else low, high))
+
+
+def nnunet_rotation_range(patch_size: Sequence[int]) -> list[tuple[float, float]]:
+    """Rotation ranges (radians, one per rotation axis) of nnU-Net's default augmentation for a patch.
+
+    2D: one in-plane angle, +-180 deg, or +-15 deg when the patch's aspect ratio exceeds 1.5. 3D: +-30 deg about
+    every axis; when the patch is anisotropic (longest edge more than 3x the shortest: nnU-Net's "dummy 2D"
+    augmentation), +-180 deg about the axis of the shortest edge only (nnU-Net's first, coarse axis).
+    """
+    patch = [int(p) for p in patch_size]
+    if len(patch) not in (2, 3) or min(patch) < 1:
+        raise ValueError(f"patch_size must have 2 or 3 positive entries, got {list(patch_size)}.")
+    if len(patch) == 2:
+        angle = math.radians(15.0 if max(patch) / min(patch) > 1.5 else 180.0)
+        return [(-angle, angle)]
+    if max(patch) / min(patch) > 3:
+        coarse = patch.index(min(patch))
+        return [(-math.pi, math.pi) if a == coarse else (0.0, 0.0) for a in range(3)]
+    angle = math.radians(30.0)
+    return [(-angle, angle)] * 3
+
+
+def _as_ranges(rotate_range: Sequence[Sequence[float] | float]) -> list[tuple[float, float]]:
+    ranges = []
+    for r in rotate_range:
+        lo, hi = (-abs(float(r)), abs(float(r))) if isinstance(r, (int, float)) else (float(r[0]), float(r[1]))
+        if lo > hi:
+            raise ValueError(f"rotate_range entries must be (low, high) with low <= high, got {r}.")
+        ranges.append((lo, hi))
+    if len(ranges) not in (1, 3):
+        raise ValueError(f"rotate_range needs 1 (2D) or 3 (3D) entries, got {len(ranges)}.")
+    return ranges
+
+
+def _check_prob(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    return value
+
+
+class RandRotateScaled(Randomizable, MapTransform):
+    """Rotation and isotropic scaling as nnU-Net's spatial augmentation, resampled once by MONAI's ``Affine``.
+
+    Rotation happens with ``prob_rotate``, each axis then with ``prob_rotate_per_axis`` (angle uniform in its
+    range); scaling happens independently with ``prob_scale``, one factor for all axes drawn by
+    :func:`nnunet_uniform` (nnU-Net: ``p_rot_per_sample = p_scale_per_sample = 0.2``, ``p_rot_per_axis = 1``,
+    scale ``(0.7, 1.4)``; a factor above 1 zooms out). ``monai.transforms.RandAffined`` has one probability for
+    both and samples every axis' scale separately, hence this transform.
+
+    Args:
+        keys: keys to resample (image and label alike).
+        rotate_range: one ``(low, high)`` (or ``x`` for ``(-x, x)``) in radians per rotation axis: 1 entry in 2D,
+            3 in 3D; e.g. :func:`nnunet_rotation_range`.
+        prob_rotate: probability of rotating a sample.
+        prob_rotate_per_axis: probability of each axis' angle being non-zero once rotating.
+        scale_range: ``(low, high)`` scale factors.
+        prob_scale: probability of scaling a sample.
+        mode: interpolation per key (e.g. ``[bilinear, nearest]``).
+        padding_mode: ``Affine`` padding mode outside the input.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        rotate_range: Sequence[Sequence[float] | float],
+        prob_rotate: float = 0.2,
+        prob_rotate_per_axis: float = 1.0,
+        scale_range: Sequence[float] = (0.7, 1.4),
+        prob_scale: float = 0.2,
+        mode: str | Sequence[str] = "bilinear",
+        padding_mode: str = "zeros",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.rotate_range = _as_ranges(rotate_range)
+        self.prob_rotate = _check_prob("prob_rotate", prob_rotate)
+        self.prob_rotate_per_axis = _check_prob("prob_rotate_per_axis", prob_rotate_per_axis)
+        self.prob_scale = _check_prob("prob_scale", prob_scale)
+        if len(scale_range) != 2 or not 0 < float(scale_range[0]) <= float(scale_range[1]):
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}.")
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.padding_mode = padding_mode
+        self.angles: list[float] | None = None
+        self.scale: float | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        self.angles = self.scale = None
+        if self.R.uniform() < self.prob_rotate:
+            self.angles = [
+                float(self.R.uniform(lo, hi)) if self.R.uniform() < self.prob_rotate_per_axis else 0.0
+                for lo, hi in self.rotate_range
+            ]
+        if self.R.uniform() < self.prob_scale:
+            self.scale = nnunet_uniform(self.R, *self.scale_range)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if self.angles is None and self.scale is None:
+            return d
+        for key, mode in self.key_iterator(d, self.mode):
+            dims = d[key].ndim - 1
+            if (dims, len(self.rotate_range)) not in ((2, 1), (3, 3)):
+                raise ValueError(
+                    f"rotate_range has {len(self.rotate_range)} entries but {key!r} has {dims} spatial dims; "
+                    "give 1 entry for 2D and 3 for 3D."
+                )
+            affine = Affine(
+                rotate_params=self.angles or [0.0] * len(self.rotate_range),
+                scale_params=[self.scale or 1.0] * dims,
+                padding_mode=self.padding_mode,
+                image_only=True,
+            )
+            d[key] = affine(d[key], mode=mode)
+        return d
+
+
+class RandPerChanneld(Randomizable, MapTransform):
+    """Apply an array transform to each channel on its own: with ``prob`` per sample, then with
+    ``prob_per_channel`` per channel, each channel drawing its own random parameters (nnU-Net's
+    ``p_per_sample`` / ``p_per_channel`` / ``per_channel=True``, e.g. its blur and low-resolution simulation).
+
+    Args:
+        keys: keys of the images.
+        transform: the array transform, applied to one (1, *spatial) channel at a time; give it ``prob=1.0``
+            if it is a MONAI random transform (the probabilities are this wrapper's).
+        prob: probability per sample.
+        prob_per_channel: probability per channel once the sample is chosen.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        prob: float = 1.0,
+        prob_per_channel: float = 1.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if not callable(transform):
+            raise ValueError(f"transform must be callable, got {type(transform).__name__}.")
+        self.transform = transform
+        self.prob = _check_prob("prob", prob)
+        self.prob_per_channel = _check_prob("prob_per_channel", prob_per_channel)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        super().set_random_state(seed, state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(int(self.R.randint(MAX_SEED, dtype="uint32")))
+        return self
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if self.R.uniform() >= self.prob:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            out = torch.as_tensor(img).clone()
+            if isinstance(out, MetaTensor):
+                out = out.as_tensor()
+            for c in range(out.shape[0]):
+                if self.R.uniform() < self.prob_per_channel:
+                    piece = self.transform(out[c : c + 1])
+                    out[c : c + 1] = piece.as_tensor() if isinstance(piece, MetaTensor) else torch.as_tensor(piece)
+            d[key] = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations) if isinstance(
+                img, MetaTensor
+            ) else out
+        return d
+
+
+class RandGamma(RandAdjustContrast):
+    """``monai.transforms.RandAdjustContrast`` with nnU-Net's draw of gamma (:func:`nnunet_uniform`: below and
+    above 1 equally likely, where MONAI draws uniformly over the range). Same arguments."""
+
+    def randomize(self, data: Any = None) -> None:
+        RandomizableTransform.randomize(self, None)
+        if self._do_transform:
+            self.gamma_value = nnunet_uniform(self.R, *self.gamma)
+
+
+class RandMirrord(Randomizable, MapTransform):
+    """Flip along each spatial axis independently with ``prob`` (nnU-Net's ``MirrorTransform``, 0.5 per axis);
+    ``spatial_axes`` ``None`` means every spatial axis of the data, so one entry serves 2D and 3D configs
+    (``monai.transforms.RandFlipd`` flips its axes together, ``RandAxisFlipd`` only one).
+
+    Args:
+        keys: keys to flip together (image and label).
+        prob: probability per axis.
+        spatial_axes: 0-based spatial axes, or ``None`` for all.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.5,
+        spatial_axes: Sequence[int] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.prob = _check_prob("prob", prob)
+        self.spatial_axes = None if spatial_axes is None else [int(a) for a in spatial_axes]
+        if self.spatial_axes is not None and any(a < 0 for a in self.spatial_axes):
+            raise ValueError(f"spatial_axes are 0-based spatial axes (>= 0), got {spatial_axes}.")
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        dims = d[keys[0]].ndim - 1
+        axes = list(range(dims)) if self.spatial_axes is None else self.spatial_axes
+        if any(a >= dims for a in axes):
+            raise ValueError(f"spatial_axes {axes} exceed the {dims} spatial axes of the data.")
+        flip = [a for a in axes if self.R.uniform() < self.prob]
+        if flip:
+            op = Flip(spatial_axis=flip)
+            for key in keys:
+                d[key] = op(d[key])
         return d

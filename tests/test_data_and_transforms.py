@@ -200,6 +200,8 @@ class TestMirroringInferer(unittest.TestCase):
     def test_bad_axes(self):
         with self.assertRaisesRegex(ValueError, "0-based"):
             MirroringSlidingWindowInferer(roi_size=(8, 8), mirror_axes=[-1])
+        with self.assertRaisesRegex(ValueError, "null"):
+            MirroringSlidingWindowInferer(roi_size=(8, 8), mirror_axes="0,1")
         inferer = MirroringSlidingWindowInferer(roi_size=(8, 8), mirror_axes=[2])
         with self.assertRaisesRegex(ValueError, "exceed"):
             inferer(torch.zeros(1, 1, 8, 8), torch.nn.Identity())
@@ -217,9 +219,16 @@ class TestAtomicOutputs(unittest.TestCase):
             self.assertEqual(torch.load(path, weights_only=True)["a"].tolist(), [1.0, 1.0])
             self.assertEqual(sorted(os.listdir(tmp)), ["model.pt"])
 
-    def test_save_segmentation_geometry(self):
+    @parameterized.expand([
+        ("diagonal", np.diag([0.8, 0.8, 2.5, 1.0])),
+        # a sagittal acquisition stored with permuted axes (MONAI's NibabelWriter calls this "not invertible")
+        ("permuted", np.array([[0, 0, -2.5, 0], [0.8, 0, 0, 0], [0, -0.8, 0, 0], [0, 0, 0, 1.0]])),
+        ("oblique", np.array([[0.8 * np.cos(0.3), -0.8 * np.sin(0.3), 0, 0], [0.8 * np.sin(0.3), 0.8 * np.cos(0.3), 0, 0],
+                              [0, 0, 2.5, 0], [0, 0, 0, 1.0]])),
+    ])
+    def test_save_segmentation_geometry(self, _, affine):
         with tempfile.TemporaryDirectory() as tmp:
-            affine = np.diag([0.8, 0.8, 2.5, 1.0])
+            affine = affine.copy()
             affine[:3, 3] = [10, -5, 3]
             pred = MetaTensor(torch.randint(0, 3, (1, 6, 5, 4)).float(), affine=torch.as_tensor(affine),
                               meta={"filename_or_obj": "/x/case7.nrrd"})

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss, TverskyLoss
 from parameterized import parameterized
 
-from scripts.losses import DiceCERegionTverskyLoss, MambaClinixLoss, RegionTverskyLoss, deep_supervision_weights
+from scripts.losses import (
+    AUTHORS_REGION_GRID, DiceCERegionTverskyLoss, MambaClinixLoss, RegionTverskyLoss, deep_supervision_weights,
+)
 
 SMOOTH = 1e-5
 
@@ -98,7 +100,7 @@ class TestRegionTverskyLoss(unittest.TestCase):
         logits, target = _data(shape, sigmoid=sigmoid, seed=len(REFERENCE_CASES) + int(batch) + 2 * int(bg))
         loss_fn = RegionTverskyLoss(
             num_regions=grid, include_background=bg, batch=batch, adaptive=adaptive,
-            softmax=not sigmoid, sigmoid=sigmoid, to_onehot_y=not sigmoid,
+            softmax=not sigmoid, sigmoid=sigmoid, to_onehot_y=not sigmoid, pooling="sum",
         )
         value = loss_fn(logits, target)
         (grad,) = torch.autograd.grad(value, logits)
@@ -125,6 +127,23 @@ class TestRegionTverskyLoss(unittest.TestCase):
         expected = reference_region_tversky(logits.detach(), target, grid, pooling="mean")
         torch.testing.assert_close(RegionTverskyLoss(grid, pooling="mean")(logits, target), expected)
 
+    @parameterized.expand([[RegionTverskyLoss], [DiceCERegionTverskyLoss], [MambaClinixLoss]])
+    def test_defaults_are_the_authors(self, cls):
+        # the authors' TRS trainer: AdaptiveAvgPool3d((8, 8, 14)) region statistics
+        loss = cls()
+        rs = loss if cls is RegionTverskyLoss else (loss.region_tversky if cls is DiceCERegionTverskyLoss
+                                                    else loss.loss.region_tversky)
+        self.assertEqual((rs.num_regions, rs.pooling), ((8, 8, 14), "mean"))
+        self.assertEqual(AUTHORS_REGION_GRID, (8, 8, 14))
+
+    def test_default_equals_authors_formulation(self):
+        # demo patch (32, 64, 56): the default grid fits; value = AdaptiveAvgPool3d((8, 8, 14)) reference
+        logits, target = _data((2, 3, 16, 16, 28), seed=11)
+        probs = torch.softmax(logits.detach(), 1)
+        onehot = _one_hot(target, 3)
+        ours = RegionTverskyLoss(softmax=False, to_onehot_y=False)(probs, onehot)
+        torch.testing.assert_close(ours, authors_style_region_tversky(probs, onehot, (8, 8, 14)), rtol=1e-10, atol=1e-12)
+
     @parameterized.expand(
         [[b, bg, sig, red] for b, bg, sig, red in itertools.product((True, False), (True, False), (True, False),
                                                                       ("mean", "sum", "none"))]
@@ -133,7 +152,8 @@ class TestRegionTverskyLoss(unittest.TestCase):
         logits, target = _data((3, 4, 6, 5, 4), sigmoid=sigmoid, seed=5, dtype=torch.float32)
         kwargs = dict(include_background=bg, to_onehot_y=not sigmoid, softmax=not sigmoid, sigmoid=sigmoid,
                       batch=batch, reduction=reduction)
-        ours = RegionTverskyLoss(num_regions=1, alpha=0.3, beta=0.7, adaptive=False, smooth=SMOOTH, **kwargs)
+        ours = RegionTverskyLoss(num_regions=1, alpha=0.3, beta=0.7, adaptive=False, smooth=SMOOTH, pooling="sum",
+                                 **kwargs)
         monai = TverskyLoss(alpha=0.3, beta=0.7, smooth_nr=SMOOTH, smooth_dr=SMOOTH, **kwargs)
         value, expected = ours(logits, target), monai(logits, target)
         if reduction == "none":
@@ -178,7 +198,7 @@ class TestRegionTverskyLoss(unittest.TestCase):
         target = target.clone()
         target[:, :, :2] = 255
         mask = (target != 255).to(torch.float64)
-        loss_fn = RegionTverskyLoss((3, 2), ignore_index=255)
+        loss_fn = RegionTverskyLoss((3, 2), ignore_index=255, pooling="sum")
         value = loss_fn(logits, target)
         expected = reference_region_tversky(logits, torch.where(target == 255, 0, target), (3, 2), mask=mask)
         torch.testing.assert_close(value, expected)

@@ -15,7 +15,9 @@ import yaml
 from parameterized import parameterized
 
 from scripts.plan import main
-from scripts.planning import check_datalist, estimate_training_memory_gb, extract_fingerprint, plan_experiment, plan_topology
+from scripts.planning import (
+    check_datalist, estimate_training_memory_gb, extract_fingerprint, plan_experiment, plan_topology, region_grid,
+)
 
 H, M = "hgcn", "mamba"
 
@@ -130,6 +132,7 @@ class TestPlanExperiment(unittest.TestCase):
         self.assertEqual(p["features"], [32, 64, 128, 256, 320, 320])
         self.assertEqual(p["intensity_schemes"], ["zscore"] * 4)
         self.assertEqual(p["intensity_stats"], [None] * 4)
+        self.assertEqual(p["num_regions"], [8, 8, 14])  # the authors' RS grid
         self.assertLessEqual(p["plan_info"]["estimated_memory_gb"], 24)
 
     def test_keys_and_values(self):
@@ -147,7 +150,8 @@ class TestPlanExperiment(unittest.TestCase):
         self.assertTrue(all(a >= b for a, b in zip(p["ds_weights"], p["ds_weights"][1:])))
         self.assertEqual(p["intensity_schemes"], ["ct"])
         self.assertEqual(p["intensity_stats"], [[-50.0, 250.0, 80.0, 40.0]])
-        self.assertTrue(all(1 <= r <= 8 and r <= max(1, s // 4) for r, s in zip(p["num_regions"], p["patch_size"])))
+        self.assertEqual(p["num_regions"], region_grid(p["patch_size"]))
+        self.assertTrue(all(1 <= r <= max(1, s // 4) for r, s in zip(p["num_regions"], p["patch_size"])))
         self.assertTrue(all(f <= 320 for f in p["features"]))
         self.assertGreaterEqual(p["batch_size"], 2)
         for s, d in zip(p["patch_size"], p["plan_info"]["pool_per_axis"]):
@@ -192,6 +196,8 @@ class TestPlanExperiment(unittest.TestCase):
         p = plan_experiment(make_fingerprint((3.0, 0.8, 0.8), (60, 512, 512)), gpu_memory_gb=8, spatial_dims=2)
         self.assertEqual((p["spatial_dims"], p["pixdim"], p["plan_info"]["slice_axis"]), (2, [0.8, 0.8], 0))
         self.assertLessEqual(max(p["features"]), 512)
+        self.assertEqual(p["num_regions"], region_grid(p["patch_size"]))
+        self.assertEqual(len(p["num_regions"]), 2)
 
     def test_bad_budgets(self):
         fp = make_fingerprint(**REFERENCE_FINGERPRINTS["brats"])
@@ -207,6 +213,34 @@ class TestPlanExperiment(unittest.TestCase):
         two = estimate_training_memory_gb((64, 64, 64), 2, *args)
         self.assertAlmostEqual(two["total"] - one["total"], one["per_sample"])
         self.assertGreater(estimate_training_memory_gb((64, 64, 64), 2, *args, device="cpu")["per_sample"], two["per_sample"])
+
+
+class TestRegionGrid(unittest.TestCase):
+    """The RS region grid: the authors' fixed (8, 8, 14) (nnUNetTrainerMambaClinixTRS), reduced only on axes too
+    short for 4 voxels per cell."""
+
+    @parameterized.expand(
+        [[patch, [8, 8, 14]] for _, patch, *_ in TOPOLOGY_CASES[:4]]  # every patch of Table 2
+        + [
+            [(96, 160, 160), [8, 8, 14]],  # LungT
+            [(32, 64, 56), [8, 8, 14]],  # the demo's patch
+            [(16, 64, 40), [4, 8, 10]],
+            [(2, 3, 100), [1, 1, 14]],
+            [(256, 256), [8, 14]],  # 2D: the authors' in-plane pair
+            [(24, 20), [6, 5]],
+        ]
+    )
+    def test_grid(self, patch, expected):
+        self.assertEqual(region_grid(patch), expected)
+
+    def test_demo_default_fits_its_patch(self):
+        cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "train.yaml")))
+        self.assertEqual(cfg["num_regions"], region_grid(cfg["patch_size"]))
+
+    @parameterized.expand([[(64,)], [(8, 8, 8, 8)], [(0, 8, 8)], [()]])
+    def test_bad_patch(self, patch):
+        with self.assertRaisesRegex(ValueError, "patch_size"):
+            region_grid(patch)
 
 
 class TestFingerprintAndCLI(unittest.TestCase):

@@ -9,7 +9,6 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from scripts.hunet.report import lesion_report, write_json_atomic
-from scripts.io_utils import atomic_path
+from scripts.io_utils import save_nifti_atomic
 
 __all__ = [
     "UnsharpMask",
@@ -152,16 +151,6 @@ def safe_stem(name: str | os.PathLike, default: str = "case") -> str:
             break
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")
     return base[:100] or default
-
-
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write ``array`` as NIfTI (dtype kept) with ``affine`` through a temporary file and a rename."""
-    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
 
 
 class SaveMaskd(MapTransform):
