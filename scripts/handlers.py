@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader
 from monai.metrics import Cumulative, compute_confusion_matrix_metric
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
@@ -24,6 +25,7 @@ from .io_utils import atomic_path, atomic_torch_save, atomic_write_text, remove_
 __all__ = [
     "BestModelSaver", "LatestCheckpoint", "loads_checkpoint", "continue_poly_schedule", "unwrap_module",
     "ValidationShardSampler", "IgnoreStandIn", "TrainingCurves", "MetricsJSONWriter",
+    "GradientClipping", "MainProcessOnly",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,6 +148,30 @@ class LatestCheckpoint:
             lrs = continue_poly_schedule(self.save_dict[key], total_iters, power)
             logger.info("%s continues the polynomial schedule over %d epochs at learning rate %.6g",
                         key, total_iters, lrs[0])
+
+
+class MainProcessOnly:
+    """Attach ``handler`` only in the process that logs and writes files: rank 0 under torchrun, or the only
+    process. Handlers that every rank needs (LR schedule, gradient clipping, validation, the resumable checkpoint)
+    are listed as they are; loggers, plots and the trainer's final-weights saver are wrapped, so a config selects
+    handlers by what they are, not by their position in the list (MONAI Label inserts a ``CheckpointLoader`` at
+    its head). A dictionary entry of a handler list, also for a handler object built elsewhere::
+
+        - _target_: scripts.handlers.MainProcessOnly
+          handler: '@validate#best_model_saver'
+
+    Args:
+        handler: any object with ``attach(engine)``.
+    """
+
+    def __init__(self, handler) -> None:
+        if not callable(getattr(handler, "attach", None)):
+            raise ValueError(f"MainProcessOnly needs an object with attach(engine), got {type(handler).__name__}.")
+        self.handler = handler
+
+    def attach(self, engine: Engine) -> None:
+        if _is_main_process():
+            self.handler.attach(engine)
 
 
 class BestModelSaver:
@@ -451,7 +477,8 @@ class MetricsJSONWriter:
         atomic_write_text(json.dumps(result, indent=2), self.output_path)
         logger.info("wrote per-case metrics of %d case(s) to %s", len(cases), self.output_path)
         for metric, s in summary.items():
-            logger.info("%s: mean %.4f, per class %s", metric, s["mean"], {k: round(v, 4) for k, v in s["per_class"].items()})
+            logger.info("%s: mean %s, per class %s", metric, _rounded(s["mean"]),
+                        {k: _rounded(v) for k, v in s["per_class"].items()})
         if self.summary_path is not None:
             brief = {"mean_dice": result.get("mean_dice")}
             for metric, s in summary.items():
@@ -464,6 +491,53 @@ def _num(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _rounded(v: float | None) -> float | None:
+    """``v`` to 4 decimals for a log line; ``None`` (no finite value, e.g. a class absent from every case) kept."""
+    return None if v is None else round(v, 4)
+
+
 def _nanmean(t: torch.Tensor) -> float | None:
     t = t[torch.isfinite(t)]
     return float(t.mean()) if t.numel() else None
+
+
+class GradientClipping:
+    """Clip the total gradient norm of the trainer's network after every backward pass, as nnU-Net's train step
+    does (``clip_grad_norm_(network.parameters(), 12)`` before the optimizer step).
+
+    Runs on MONAI's ``IterationEvents.BACKWARD_COMPLETED``, which a ``SupervisedTrainer`` fires after
+    ``backward()`` and before ``optimizer.step()`` / ``scaler.step()``. With AMP the gradients are first unscaled
+    through the trainer's ``GradScaler`` (``scaler.step`` then does not unscale them again), so the norm is that
+    of the true gradients. With gradient accumulation it clips only on the iterations that step.
+
+    Args:
+        max_norm: the largest total norm; ``None`` or 0 attaches nothing (no clipping).
+        norm_type: the norm (2: Euclidean, as nnU-Net).
+    """
+
+    def __init__(self, max_norm: float | None = 12.0, norm_type: float = 2.0) -> None:
+        if max_norm is not None and (not math.isfinite(float(max_norm)) or float(max_norm) < 0):
+            raise ValueError(f"max_norm must be a finite number >= 0, or None / 0 to switch clipping off, got {max_norm}.")
+        self.max_norm = float(max_norm) if max_norm else None
+        self.norm_type = float(norm_type)
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_norm is not None:
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    @staticmethod
+    def _steps_now(engine: Engine) -> bool:
+        acc = int(getattr(engine, "accumulation_steps", 1) or 1)
+        if acc <= 1:
+            return True
+        length = engine.state.epoch_length
+        local = (engine.state.iteration - 1) % length if length is not None else engine.state.iteration - 1
+        return (local + 1) % acc == 0 or (length is not None and local + 1 == length)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self._steps_now(engine):
+            return
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None and scaler.is_enabled():
+            scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm, norm_type=self.norm_type)

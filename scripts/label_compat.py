@@ -9,7 +9,7 @@ entries aside for the call and puts them back unchanged.
 
 MONAI Label's training reads ``train#handlers`` as a list of dictionaries (it looks for a ``CheckpointLoader``
 entry and prepends one that loads ``models/model.pt`` into ``@network``), so every entry must be a dictionary:
-:class:`SharedHandler` lists a handler object built elsewhere in the config. When that loader is present the run
+:class:`scripts.handlers.MainProcessOnly` lists a handler object built elsewhere in the config. When that loader is present the run
 is a fine-tuning run from ``model.pt``: :class:`scripts.handlers.LatestCheckpoint` then starts it at epoch 0
 instead of resuming the previous run's state (which would undo the loaded weights and skip the requested epochs).
 
@@ -29,7 +29,6 @@ import os
 from collections.abc import Hashable, Mapping
 
 import torch
-from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.transforms import LoadImaged, Spacingd
 
@@ -40,7 +39,6 @@ __all__ = [
     "InputError",
     "LoadImageCheckedd",
     "SafeSpacingd",
-    "SharedHandler",
     "non_mapping_companions",
 ]
 
@@ -70,26 +68,6 @@ class SafeSpacingd(Spacingd):
         out = super().__call__(d, lazy=lazy)
         out.update(aside)
         return out
-
-
-class SharedHandler:
-    """Attach a handler object that the config builds elsewhere (e.g. ``@validate#best_model_saver``, shared by
-    the evaluator and the trainer) from a dictionary entry of a handler list::
-
-        - _target_: scripts.label_compat.SharedHandler
-          handler: '@validate#best_model_saver'
-
-    Args:
-        handler: any object with ``attach(engine)``.
-    """
-
-    def __init__(self, handler) -> None:
-        if not callable(getattr(handler, "attach", None)):
-            raise ValueError(f"SharedHandler needs an object with attach(engine), got {type(handler).__name__}.")
-        self.handler = handler
-
-    def attach(self, engine: Engine) -> None:
-        self.handler.attach(engine)
 
 
 class LoadImageCheckedd(LoadImaged):

@@ -18,13 +18,12 @@ from monai.handlers import CheckpointLoader
 from monai.transforms import LoadImaged, Spacingd
 from parameterized import parameterized
 
-from scripts.handlers import LatestCheckpoint, loads_checkpoint
+from scripts.handlers import LatestCheckpoint, MainProcessOnly, loads_checkpoint
 from scripts.label.app import OFFLINE_CONF, copy_bundle, init_model, prepare_app, server_command, set_plan
 from scripts.label_compat import (
     InputError,
     LoadImageCheckedd,
     SafeSpacingd,
-    SharedHandler,
     non_mapping_companions,
 )
 
@@ -117,7 +116,7 @@ class TestLoadImageCheckedd(unittest.TestCase):
 
 
 class TestHandlers(unittest.TestCase):
-    def test_shared_handler(self):
+    def test_main_process_only(self):
         attached = []
 
         class H:
@@ -125,10 +124,13 @@ class TestHandlers(unittest.TestCase):
                 attached.append(engine)
 
         engine = Engine(lambda e, b: None)
-        SharedHandler(H()).attach(engine)
+        MainProcessOnly(H()).attach(engine)  # no process group: this is the main process
+        self.assertEqual(attached, [engine])
+        with mock.patch("scripts.handlers._is_main_process", return_value=False):
+            MainProcessOnly(H()).attach(engine)
         self.assertEqual(attached, [engine])
         with self.assertRaises(ValueError):
-            SharedHandler("@validate#best_model_saver")
+            MainProcessOnly("@validate#best_model_saver")
 
     @parameterized.expand([(False,), (True,)])
     def test_resume_unless_fine_tuning(self, fine_tune):

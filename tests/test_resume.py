@@ -305,7 +305,8 @@ class TestTrainingWorkflows(unittest.TestCase):
         eval_datalist.write_text(json.dumps({**lists, "test": lists["validation"]}))
         _workflow(["train.yaml", "evaluate.yaml"], "evaluating", "eval", **TINY_PLAN, bundle_root=str(ROOT),
                   dataset_dir=str(self.data), datalist=str(eval_datalist), ckpt_dir=str(root / "models"),
-                  output_dir=str(root / "runs"), eval_dir=str(eval_dir), device="cpu", cache_rate=0.0)
+                  output_dir=str(root / "runs"), eval_dir=str(eval_dir), device="cpu", cache_rate=0.0,
+                  tta_mirror_axes=[])  # validation during training does not mirror
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         self.assertEqual(len(metrics["cases"]), 1)
         self.assertAlmostEqual(metrics["mean_dice"], best["best_metric"], places=4)
