@@ -9,9 +9,10 @@ entries aside for the call and puts them back unchanged.
 
 MONAI Label's training reads ``train#handlers`` as a list of dictionaries (it looks for a ``CheckpointLoader``
 entry and prepends one that loads ``models/model.pt`` into ``@network``), so every entry must be a dictionary:
-:class:`scripts.handlers.MainProcessOnly` lists a handler object built elsewhere in the config. When that loader is present the run
-is a fine-tuning run from ``model.pt``: :class:`scripts.handlers.LatestCheckpoint` then starts it at epoch 0
-instead of resuming the previous run's state (which would undo the loaded weights and skip the requested epochs).
+:class:`scripts.handlers.MainProcessOnly` lists a handler object built elsewhere in the config. When that loader
+is present the run is a fine-tuning run from ``model.pt``: :class:`scripts.handlers.LatestCheckpoint` then starts
+it at epoch 0 instead of resuming the previous run's state (which would undo the loaded weights and skip the
+requested epochs).
 
 MONAI Label's endpoints turn any other exception into a bare ``500 Internal Server Error``.
 :class:`LoadImageCheckedd` (a ``LoadImaged``, which MONAI Label keeps and wraps) checks the file's header before
