@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 setup: $(VENV)/.installed
 
 data: setup
-	$(PY) -m scripts.demo_data --output data --which mni pyradiomics
+	$(PY) -m scripts.demo.data --output data --which mni pyradiomics
 
 plan: data
 	$(PY) -m scripts.plan --datalist data/mni/datalist.json --dataset_dir data/mni --output configs/plan.yaml \
@@ -54,10 +54,10 @@ clean-demo:
 
 # MONAI Label 0.8.5 backend (its own virtual environment .venv-label: torch 2.14.1 + torchvision, see docs/monailabel.md)
 label-server: setup
-	bash docs/run_monailabel.sh
+	bash scripts/label/run_server.sh
 
 test-label: setup
 	bash scripts/label/setup_env.sh
-	test -f data/mni/images/mni_left.nii.gz || $(PY) -m scripts.demo_data --output data --which mni
+	test -f data/mni/images/mni_left.nii.gz || $(PY) -m scripts.demo.data --output data --which mni
 	MAMBACLINIX_LABEL_RESULTS=eval/monailabel_test.json $(PY) -m pytest -q -s -p no:warnings -p no:cacheprovider \
 		tests/test_monailabel.py tests/test_label_compat.py tests/test_label_guard.py

@@ -1,25 +1,28 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """Datalists: loading MSD-style JSON and checking every case before any training time is spent.
 
-Every file's header is checked against :class:`scripts.image_guard.ImageLimits` before a reader allocates its array
-(:func:`scripts.image_guard.check_image`), so a small file that declares a huge image stops the run at once.
+:func:`validate_datalist` (one case: :func:`check_case`) is the bundle's one datalist check: the training,
+evaluation and inference configs, the lesion workflow (``configs/hunet_*.yaml``) and the planner
+(:func:`scripts.planning.extract_fingerprint`, headers only) call it. Every file's header is checked against
+:class:`scripts.image_guard.ImageLimits` before a reader allocates its array (:func:`scripts.image_guard.check_image`),
+so a small file that declares a huge image stops the run at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImage
 
-from scripts.image_guard import DataError, ImageLimits, check_image, check_spatial_dims
+from scripts.image_guard import DataError, ImageHeader, ImageLimits, check_image, check_spatial_dims
 
-__all__ = ["DataError", "SPLITS", "load_datalist", "load_splits", "check_case", "validate_datalist"]
+__all__ = ["DataError", "SPLITS", "read_datalist", "load_datalist", "load_splits", "check_case", "validate_datalist"]
 
 #: the lists of an MSD-style datalist, in the order they are checked
 SPLITS = ("training", "validation", "test")
@@ -27,18 +30,14 @@ SPLITS = ("training", "validation", "test")
 logger = logging.getLogger(__name__)
 
 
-def load_datalist(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, key: str = "training") -> list[dict]:
-    """Read one list (``training``, ``validation`` or ``test``) of an MSD-style datalist JSON.
-
-    Paths in the file are relative to ``dataset_dir`` (absolute paths are kept). A relative path that leaves
-    ``dataset_dir`` through ``..`` is logged as a warning naming the entry, not refused: users keep labels or extra
-    modalities in sibling folders on purpose, and absolute paths (which MSD allows) reach any folder anyway, so an
-    error would stop legitimate datalists without protecting anything; the warning shows an unintended escape.
-    A missing or empty list returns ``[]``.
+def read_datalist(datalist: str | os.PathLike | Mapping) -> dict:
+    """The content of an MSD-style datalist: the parsed JSON file, or a copy of a mapping given directly.
 
     Raises:
-        DataError: the datalist file is missing, not valid JSON, or the list is not a list.
+        DataError: the file is missing or not valid JSON, or the content is not a JSON object.
     """
+    if isinstance(datalist, Mapping):
+        return dict(datalist)
     path = Path(datalist)
     if not path.is_file():
         raise DataError(f"datalist {path} does not exist; pass --datalist to a JSON file (see docs/README.md#data).")
@@ -49,15 +48,62 @@ def load_datalist(datalist: str | os.PathLike, dataset_dir: str | os.PathLike, k
         raise DataError(f"datalist {path} is not valid JSON: {e}.") from e
     if not isinstance(content, dict):
         raise DataError(f"datalist {path} must hold a JSON object with 'training', 'validation' and 'test' lists.")
-    if not content.get(key):  # absent, null or [] (MONAI's loader fails on an empty list)
+    return content
+
+
+def load_datalist(
+    datalist: str | os.PathLike | Mapping, dataset_dir: str | os.PathLike, key: str = "training"
+) -> list[dict]:
+    """One list (``training``, ``validation`` or ``test``) of an MSD-style datalist, with absolute paths.
+
+    The ``image`` (a path or a list of per-channel paths) and ``label`` paths are relative to ``dataset_dir``
+    (absolute paths are kept), as :func:`monai.data.load_decathlon_datalist` reads them; other entries of a case
+    are kept as they are, and a ``test`` list of plain paths becomes ``[{"image": path}, ...]``. A relative path
+    that leaves ``dataset_dir`` through ``..`` is logged as a warning naming the entry, not refused: users keep
+    labels or extra modalities in sibling folders on purpose, and absolute paths (which MSD allows) reach any
+    folder anyway, so an error would stop legitimate datalists without protecting anything; the warning shows an
+    unintended escape. A missing or empty list returns ``[]``. Nothing is read but the datalist: check the cases
+    with :func:`validate_datalist`.
+
+    Args:
+        datalist: path of the JSON file, or its content as a mapping.
+        dataset_dir: root of the relative paths.
+        key: the list to load.
+
+    Raises:
+        DataError: the datalist file is missing or not valid JSON, the list is not a list, or a case is neither an
+            object nor (in ``test``) a path.
+    """
+    content = read_datalist(datalist)
+    source = "<datalist>" if isinstance(datalist, Mapping) else str(datalist)
+    if not content.get(key):  # absent, null or []
         return []
-    if not isinstance(content[key], list):
-        raise DataError(f"datalist {path}: '{key}' must be a list of {{\"image\": ..., \"label\": ...}} entries.")
-    _warn_escapes(content[key], path, dataset_dir, key)
-    return load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key, base_dir=str(dataset_dir))
+    items = content[key]
+    if not isinstance(items, list):
+        raise DataError(f"datalist {source}: '{key}' must be a list of {{\"image\": ..., \"label\": ...}} entries.")
+    _warn_escapes(items, source, dataset_dir, key)
+    return [_absolute(item, i, dataset_dir, key, source) for i, item in enumerate(items)]
 
 
-def _warn_escapes(items: object, datalist: Path, dataset_dir: str | os.PathLike, key: str) -> None:
+def _absolute(item: object, index: int, dataset_dir: str | os.PathLike, key: str, source: str) -> dict:
+    """A copy of a case with its ``image`` / ``label`` paths joined to ``dataset_dir``."""
+    if isinstance(item, str) and key == "test":
+        item = {"image": item}
+    if not isinstance(item, Mapping):
+        raise DataError(f"datalist {source}: case {index} of '{key}' must be an object with 'image' (and 'label'), "
+                        f"got {item!r}.")
+    root = str(dataset_dir)
+    out = dict(item)
+    for field in ("image", "label"):
+        value = out.get(field)
+        if isinstance(value, str):
+            out[field] = os.path.normpath(os.path.join(root, value))
+        elif isinstance(value, (list, tuple)):
+            out[field] = [os.path.normpath(os.path.join(root, v)) if isinstance(v, str) else v for v in value]
+    return out
+
+
+def _warn_escapes(items: object, datalist: str, dataset_dir: str | os.PathLike, key: str) -> None:
     """Log every relative image / label path of ``items`` that leads out of ``dataset_dir`` (``../``)."""
     root = os.path.normpath(os.path.abspath(dataset_dir))
     for i, item in enumerate(items if isinstance(items, list) else []):
@@ -74,44 +120,121 @@ def _warn_escapes(items: object, datalist: Path, dataset_dir: str | os.PathLike,
                     )
 
 
-def _load(path, loader: LoadImage, what: str, case: int, limits: ImageLimits, spatial_dims: int | None):
-    paths = path if isinstance(path, (list, tuple)) else [path]
+def _headers(path, what: str, case: int, limits: ImageLimits, spatial_dims: int | None) -> list[ImageHeader]:
+    """The checked headers of an image or label (one per file), every file on the same voxel grid."""
+    paths = list(path) if isinstance(path, (list, tuple)) else [path]
     for p in paths:
         if not os.path.exists(p):
             raise DataError(f"case {case}: {what} file {p} does not exist; fix the path in the datalist or --dataset_dir.")
     try:
-        check_image(path, limits, spatial_dims)  # the headers, before any array is allocated
-        img = loader(path)
-        check_spatial_dims(img.shape[1:], spatial_dims, str(path))  # the reader's own view (channels first)
+        headers = check_image(path, limits, spatial_dims)  # before any array is allocated
     except DataError as e:  # keeps the class, and with it the HTTP status of InputError / ImageTooLargeError
         raise type(e)(f"case {case}: {what} {e}") from e
     except Exception as e:  # readers raise many types for corrupt files
-        raise DataError(f"case {case}: {what} file {path} could not be read ({type(e).__name__}: {e}); "
-                        "the file is corrupt or not a supported image (NIfTI, NRRD, DICOM series).") from e
+        raise _unreadable(path, what, case, e) from e
+    shapes = [tuple(h.spatial_shape) for h in headers]
+    if len(set(shapes)) > 1:
+        raise DataError(f"case {case}: the {what} files {paths} have different spatial shapes {shapes}; every "
+                        "channel file must be on the same voxel grid.")
+    return headers
+
+
+def _read(path, loader: LoadImage, what: str, case: int, spatial_dims: int | None):
+    try:
+        img = loader(path)
+        check_spatial_dims(img.shape[1:], spatial_dims, str(path))  # the reader's own view (channels first)
+    except DataError as e:
+        raise type(e)(f"case {case}: {what} {e}") from e
+    except Exception as e:
+        raise _unreadable(path, what, case, e) from e
     return img
 
 
+def _unreadable(path, what: str, case: int, error: Exception) -> DataError:
+    return DataError(f"case {case}: {what} file {path} could not be read ({type(error).__name__}: {error}); "
+                     "the file is corrupt or not a supported image (NIfTI, NRRD, DICOM series).")
+
+
+def _check_case(
+    item: Mapping,
+    in_channels: int | None,
+    num_classes: int | None,
+    index: int,
+    multi_label: bool,
+    spatial_dims: int | None,
+    limits: ImageLimits,
+    read: bool,
+) -> tuple[tuple[int, ...], int]:
+    """:func:`check_case`, returning (spatial shape, channels)."""
+    name = item["image"]
+    headers = _headers(name, "image", index, limits, spatial_dims)
+    if read:
+        img = _read(name, LoadImage(image_only=True, ensure_channel_first=True), "image", index, spatial_dims)
+        spatial, channels = tuple(int(s) for s in img.shape[1:]), int(img.shape[0])
+    else:
+        img = None
+        spatial = tuple(int(s) for s in headers[0].spatial_shape)
+        channels = sum(h.voxels // max(1, math.prod(h.spatial_shape)) for h in headers)
+    if in_channels is not None and channels != in_channels:
+        raise DataError(
+            f"case {index}: image {name} has {channels} channel(s) but the network expects {in_channels}; "
+            "list one file per channel in 'image' or set in_channels (the plan does this)."
+        )
+    if img is not None and not np.isfinite(np.asarray(img)).all():
+        raise DataError(f"case {index}: image {name} contains NaN or infinite values; fix or remove it.")
+    if item.get("label") is None:
+        return spatial, channels
+    label = item["label"]
+    label_headers = _headers(label, "label", index, limits, spatial_dims)
+    lab = _read(label, LoadImage(image_only=True, ensure_channel_first=True), "label", index, spatial_dims) if read else None
+    label_spatial = tuple(int(s) for s in (lab.shape[1:] if read else label_headers[0].spatial_shape))
+    if label_spatial != spatial:
+        raise DataError(
+            f"case {index}: label {label} has shape {label_spatial} but its image {name} has {spatial}; they must "
+            "be on the same voxel grid."
+        )
+    if lab is None:
+        return spatial, channels
+    values = np.unique(np.asarray(lab))
+    if not np.isfinite(values).all():
+        raise DataError(f"case {index}: label {label} contains NaN values.")
+    if np.any(values != np.round(values)) or (values.size and values.min() < 0):
+        raise DataError(f"case {index}: label {label} must hold non-negative integer classes, got {values[:10]}.")
+    if num_classes is not None:
+        limit = 2 if multi_label else num_classes
+        if values.size and values.max() >= limit:
+            raise DataError(
+                f"case {index}: label {label} has class {int(values.max())} but the network predicts "
+                f"{num_classes} classes (0..{num_classes - 1}); set out_channels or fix the label."
+            )
+    return spatial, channels
+
+
 def check_case(
-    item: dict,
-    in_channels: int,
+    item: Mapping,
+    in_channels: int | None,
     num_classes: int | None,
     index: int = 0,
     multi_label: bool = False,
     spatial_dims: int | None = None,
     limits: ImageLimits | Mapping | None = None,
-) -> tuple:
-    """Check one ``{"image", "label"}`` entry: headers within ``limits``, readable files, 2D or 3D, channel count,
-    label shape, label values, NaNs.
+    read: bool = True,
+) -> tuple[int, ...]:
+    """Check one ``{"image", "label"}`` entry: headers within ``limits``, files present and readable, channel files
+    on one grid, 2D or 3D, channel count, label on the image grid and, when the arrays are read, NaNs and label
+    values.
 
     Args:
         item: the datalist entry (``image`` a path or a list of per-channel paths; ``label`` optional).
-        in_channels: channels the network expects.
+        in_channels: channels the network expects; ``None`` skips.
         num_classes: classes including background (label values must be in ``[0, num_classes)``); ``None`` skips.
         index: position of the case, for messages.
         multi_label: the label holds one binary channel per class (sigmoid training) instead of class indices.
         spatial_dims: 3 refuses 2D images (``(X, Y)`` or ``(X, Y, 1)``), 2 refuses 3D volumes; ``None`` skips.
         limits: :class:`scripts.image_guard.ImageLimits`, or a mapping of its fields (a config's ``image_limits``);
             ``None``: the defaults.
+        read: read the arrays (channels as the reader sees them, NaNs, label values); ``False`` checks the headers
+            only (shapes and channels as the headers declare them), which is fast for large datasets.
 
     Returns:
         the image's spatial shape.
@@ -119,52 +242,35 @@ def check_case(
     Raises:
         DataError: with the file and the problem in the message (``ImageTooLargeError`` beyond ``limits``).
     """
-    limits = ImageLimits.coerce(limits)
-    loader = LoadImage(image_only=True, ensure_channel_first=True)
-    img = _load(item["image"], loader, "image", index, limits, spatial_dims)
-    name = item["image"]
-    if img.shape[0] != in_channels:
-        raise DataError(
-            f"case {index}: image {name} has {img.shape[0]} channel(s) but the network expects {in_channels}; "
-            "list one file per channel in 'image' or set in_channels (the plan does this)."
-        )
-    arr = np.asarray(img)
-    if not np.isfinite(arr).all():
-        raise DataError(f"case {index}: image {name} contains NaN or infinite values; fix or remove it.")
-    spatial = tuple(img.shape[1:])
-    if "label" in item and item["label"] is not None:
-        lab = _load(item["label"], loader, "label", index, limits, spatial_dims)
-        if tuple(lab.shape[1:]) != spatial:
-            raise DataError(
-                f"case {index}: label {item['label']} has shape {tuple(lab.shape[1:])} but its image {name} has "
-                f"{spatial}; they must be on the same voxel grid."
-            )
-        values = np.unique(np.asarray(lab))
-        if not np.isfinite(values).all():
-            raise DataError(f"case {index}: label {item['label']} contains NaN values.")
-        if np.any(values != np.round(values)) or (values.size and values.min() < 0):
-            raise DataError(f"case {index}: label {item['label']} must hold non-negative integer classes, got {values[:10]}.")
-        if num_classes is not None:
-            limit = 2 if multi_label else num_classes
-            if values.size and values.max() >= limit:
-                raise DataError(
-                    f"case {index}: label {item['label']} has class {int(values.max())} but the network predicts "
-                    f"{num_classes} classes (0..{num_classes - 1}); set out_channels or fix the label."
-                )
-    return spatial
+    return _check_case(item, in_channels, num_classes, index, multi_label, spatial_dims, ImageLimits.coerce(limits),
+                       read)[0]
 
 
 def validate_datalist(
     items: Sequence[dict],
-    in_channels: int,
+    in_channels: int | None,
     num_classes: int | None,
     name: str = "training",
     multi_label: bool = False,
     spatial_dims: int | None = None,
     limits: ImageLimits | Mapping | None = None,
+    require_label: bool = False,
+    read: bool = True,
 ) -> list[dict]:
-    """Check every case of a list (see :func:`check_case`, also for ``spatial_dims`` and ``limits``) and return
-    the list unchanged.
+    """Check every case of a list (see :func:`check_case`, also for ``spatial_dims``, ``limits`` and ``read``) and
+    return the list unchanged. This is the bundle's one datalist check: the training and evaluation configs, the
+    lesion workflow and the planner use it.
+
+    Args:
+        items: the cases, e.g. from :func:`load_datalist`.
+        in_channels: channels the network expects; ``None``: whatever the first case has, the same for every case.
+        num_classes: see :func:`check_case`.
+        name: the list's name, for messages.
+        multi_label: see :func:`check_case`.
+        spatial_dims: see :func:`check_case`.
+        limits: see :func:`check_case`.
+        require_label: every case needs a ``label`` (training data).
+        read: see :func:`check_case`.
 
     Raises:
         DataError: for an empty list or the first bad case, naming the file and the fix.
@@ -173,11 +279,23 @@ def validate_datalist(
     if not items:
         raise DataError(f"the {name} list of the datalist is empty; add cases or point --datalist elsewhere.")
     limits = ImageLimits.coerce(limits)
+    first = None
     for i, item in enumerate(items):
-        if "image" not in item:
+        if not isinstance(item, Mapping) or "image" not in item:
             raise DataError(f"case {i} of the {name} list has no 'image' entry: {item}.")
-        check_case(item, in_channels, num_classes, i, multi_label, spatial_dims, limits)
-    logger.info("checked %d %s case(s): files readable, %d channel(s), labels in range", len(items), name, in_channels)
+        if require_label and item.get("label") is None:
+            raise DataError(f"case {i} of the {name} list has no 'label' entry: {item}; every case needs an image "
+                            "and its label.")
+        _, channels = _check_case(item, in_channels, num_classes, i, multi_label, spatial_dims, limits, read)
+        if first is None:
+            first = (channels, item["image"])
+        elif channels != first[0]:
+            raise DataError(
+                f"case {i}: inconsistent channel counts: image {item['image']} has {channels} channel(s) but case 0 "
+                f"({first[1]}) has {first[0]}; every case needs the same channels in the same order."
+            )
+    logger.info("checked %d %s case(s) (%s): %d channel(s)%s", len(items), name,
+                "files read" if read else "headers", first[0], ", labels in range" if read else "")
     return items
 
 

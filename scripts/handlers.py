@@ -4,13 +4,16 @@ distributed validation with fewer cases than ranks, training curves plot, metric
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
@@ -20,7 +23,7 @@ from monai.metrics import Cumulative, compute_confusion_matrix_metric
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.optim.lr_scheduler import PolynomialLR
 
-from .io_utils import atomic_path, atomic_torch_save, atomic_write_text, remove_stale_temp_files
+from .io_utils import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temp_files
 
 __all__ = [
     "BestModelSaver", "LatestCheckpoint", "loads_checkpoint", "continue_poly_schedule", "unwrap_module",
@@ -87,7 +90,7 @@ class LatestCheckpoint:
     At every ``save_interval`` epochs the state of every object of ``save_dict`` (network, optimizer, LR
     scheduler, trainer, ...) is written to ``path`` atomically (by rank 0 only under torchrun). A network is
     stored unwrapped (no ``module.`` prefix of ``DistributedDataParallel``), so a checkpoint of a torchrun run
-    resumes a single-process run and the other way round; old checkpoints with ``module.`` keys load too.
+    resumes a single-process run and the other way round; checkpoints with DDP's ``module.`` keys load too.
     With ``resume=True`` and an existing file, the state is loaded when the trainer starts
     (``weights_only=True``), so the run continues after the last completed epoch. The current run's length
     wins over the checkpoint's: the trainer's ``max_epochs`` is kept, and a ``PolynomialLR`` keeps the current
@@ -138,7 +141,7 @@ class LatestCheckpoint:
         if missing:
             raise ValueError(f"checkpoint {self.path} lacks {missing}; delete it or start with resume=False.")
         for key, obj in self.save_dict.items():
-            if isinstance(obj, torch.nn.Module):  # checkpoints written before unwrapping hold DDP's module. keys
+            if isinstance(obj, torch.nn.Module):  # a checkpoint of a wrapped DDP network holds module. keys
                 consume_prefix_in_state_dict_if_present(checkpoint[key], "module.")
         Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)  # unwraps a DDP network itself
         if "trainer" in self.save_dict:
@@ -314,12 +317,16 @@ class IgnoreStandIn:
 class TrainingCurves:
     """Record the mean training loss per epoch and the validation key metric, and plot them to a PNG.
 
-    The history is kept in ``<output_dir>/training_curves.json`` (reloaded when a run resumes) and drawn to
-    ``<output_dir>/training_curves.png`` when training completes (and after every validation).
+    The history is kept in ``<output_dir>/training_curves.json`` (rewritten after every epoch and validation)
+    and drawn to ``<output_dir>/training_curves.png`` when training completes. The validation metric is read
+    when the validator's own run completes (its metrics are computed by then), and a resumed run's history is
+    picked up when its first epoch starts (the training state is restored by then), so the handler's position
+    in the trainer's handler list does not matter. A resumed run keeps the recorded curves up to the epoch it
+    resumes after; a run from epoch 0 starts a new history.
 
     Args:
         output_dir: folder for the JSON and PNG.
-        validator: the evaluator whose ``key_metric`` is recorded after it runs (optional).
+        validator: the evaluator whose key metric (else its first metric) is recorded after each of its runs.
         loss_key: key of the loss in the trainer's output.
     """
 
@@ -329,6 +336,8 @@ class TrainingCurves:
         self.loss_key = loss_key
         self.history: dict[str, list] = {"epoch": [], "loss": [], "val_epoch": [], "val_metric": []}
         self._losses: list[float] = []
+        self._trainer: Engine | None = None
+        self._synced = False
 
     @property
     def json_path(self) -> Path:
@@ -339,24 +348,37 @@ class TrainingCurves:
         return self.output_dir / "training_curves.png"
 
     def attach(self, engine: Engine) -> None:
+        self._trainer = engine
         engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
-        engine.add_event_handler(Events.COMPLETED, self._plot)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
         if self.validator is not None:
             self.validator.add_event_handler(Events.COMPLETED, self._validation)
-        self._trainer = engine
 
     def _start(self, engine: Engine) -> None:
         for path in (self.json_path, self.png_path):
             remove_stale_temp_files(path)
-        if engine.state.epoch > 0 and self.json_path.is_file():  # resumed: keep the curves so far
+        self._synced = False
+        self._losses = []
+
+    def _sync(self, epochs_done: int) -> None:
+        """Once per run, after every handler's ``STARTED``: the history up to ``epochs_done`` epochs (the
+        recorded curves of a resumed run) or an empty one (a run from epoch 0)."""
+        if self._synced:
+            return
+        self._synced = True
+        if epochs_done > 0 and self.json_path.is_file():
             with open(self.json_path) as f:
                 old = json.load(f)
             self.history = {k: [v for v, e in zip(old[k], old["epoch" if k in ("epoch", "loss") else "val_epoch"])
-                                if e <= engine.state.epoch] for k in self.history}
-        elif engine.state.epoch == 0:
+                                if e <= epochs_done] for k in self.history}
+        elif epochs_done == 0:
             self.history = {k: [] for k in self.history}
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._sync(engine.state.epoch - 1)
 
     def _iteration(self, engine: Engine) -> None:
         output = engine.state.output
@@ -371,18 +393,26 @@ class TrainingCurves:
             self.history["epoch"].append(engine.state.epoch)
             self.history["loss"].append(sum(self._losses) / len(self._losses))
         self._losses = []
-        atomic_write_text(json.dumps(self.history, indent=1), self.json_path)
+        atomic_write_json(self.history, self.json_path, indent=1)
 
     def _validation(self, validator: Engine) -> None:
-        metric = validator.state.metrics.get(validator.state.key_metric_name) if hasattr(validator.state, "key_metric_name") else None
-        if metric is None and validator.state.metrics:
-            metric = next(iter(validator.state.metrics.values()))
+        if self._trainer is None:
+            return
+        self._sync(self._trainer.state.epoch)
+        metrics = validator.state.metrics
+        metric = metrics.get(getattr(validator.state, "key_metric_name", None) or "")
+        if metric is None and metrics:
+            metric = next(iter(metrics.values()))
         if metric is not None and math.isfinite(float(metric)):
             self.history["val_epoch"].append(self._trainer.state.epoch)
             self.history["val_metric"].append(float(metric))
-            atomic_write_text(json.dumps(self.history, indent=1), self.json_path)
+            atomic_write_json(self.history, self.json_path, indent=1)
 
-    def _plot(self, engine: Engine | None = None) -> Path:
+    def _completed(self, engine: Engine) -> None:
+        self._sync(engine.state.epoch)
+        self._plot()
+
+    def _plot(self) -> Path:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -410,48 +440,95 @@ class TrainingCurves:
 
 
 class MetricsJSONWriter:
-    """Write per-case and summary metrics of an evaluator to JSON (one row per case, per class and mean).
+    """Write an evaluator's per-case metrics and their summary to JSON (and CSV) when its run completes.
 
-    Reads ``engine.state.metric_details`` (filled by metrics with ``save_details=True``, the default of MONAI's
-    ignite metrics) when the evaluator completes.
+    The per-case values come from one of two sources:
+
+    - ``case_metrics=None``: the metric handlers' per-case details, ``engine.state.metric_details`` (filled by
+      MONAI's ignite metrics with ``save_details=True``, their default). A metric with one value per class gets
+      the columns ``<metric>_<class>`` and ``<metric>_mean`` (the mean over the classes with a finite value);
+      raw confusion matrices (``ConfusionMatrix`` handlers) become the metric their name contains
+      (sensitivity, specificity, precision or accuracy).
+    - ``case_metrics``: a function ``(pred, label, spacing) -> dict`` of one case, applied to each case of the
+      evaluator's output after post-processing (``pred`` and ``label`` on the same grid, ``spacing`` the
+      label's voxel size from its affine); its values are the columns (e.g.
+      :func:`scripts.hunet.report.case_metrics`).
+
+    Every row also has ``case`` (the file name of the case's image, else of its label) and ``image`` (that
+    file's path as read). The summary gives, per metric, ``mean``, ``std`` and ``n`` over the finite values
+    (a NaN, e.g. HD95 of an empty mask, is left out; no finite value gives ``null``), and ``per_class`` means
+    for per-class details. The JSON is ``{**extra, "cases": rows, "summary": summary}`` plus ``mean_dice``
+    (the summary mean of the metric whose name ends with ``mean_dice``, when there is one), written with
+    :func:`scripts.io_utils.atomic_write_json` (NaN as ``null``).
 
     Args:
-        output_path: JSON file to write.
-        class_names: names of the evaluated classes, in the metric's channel order.
-        filename_key: meta key holding each case's image file name.
-        summary_path: optional second JSON with only the summary (e.g. ``eval/demo_metrics.json``).
+        output_path: the JSON file, e.g. ``eval/metrics.json``.
+        class_names: names of the evaluated classes in the metric's channel order (``class_<i>`` otherwise).
+        summary_path: optional second JSON with only ``mean_dice`` and the summary (e.g. ``eval/summary.json``).
+        case_metrics: per-case metric function (see above); ``None`` reads the metric handlers' details.
+        metrics: the metrics summarised (default every one); per-case rows keep every column.
+        pred_key: key of the prediction in the evaluator's output (with ``case_metrics``).
+        label_key: key of the reference label in the evaluator's output (with ``case_metrics``).
+        csv_path: optional CSV file of the per-case rows.
+        extra: constant entries at the top of the JSON (e.g. ``{"hd95_unit": "mm"}``).
     """
 
-    def __init__(self, output_path: str | os.PathLike, class_names: list[str] | None = None,
-                 summary_path: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        output_path: str | os.PathLike,
+        class_names: Sequence[str] | None = None,
+        summary_path: str | os.PathLike | None = None,
+        case_metrics: Callable[..., Mapping[str, float]] | None = None,
+        metrics: Sequence[str] | None = None,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        csv_path: str | os.PathLike | None = None,
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        if case_metrics is not None and not callable(case_metrics):
+            raise ValueError(f"case_metrics must be a function (pred, label, spacing) -> dict, got {case_metrics!r}.")
         self.output_path = Path(output_path)
         self.summary_path = Path(summary_path) if summary_path else None
-        self.class_names = class_names
+        self.csv_path = Path(csv_path) if csv_path else None
+        self.class_names = list(class_names) if class_names else None
+        self.case_metrics = case_metrics
+        self.metrics = list(metrics) if metrics is not None else None
+        self.pred_key, self.label_key = pred_key, label_key
+        self.extra = dict(extra or {})
         self._files: list[str] = []
+        self._rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._files.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
-    def _collect(self, engine: Engine) -> None:
-        batch = engine.state.batch
-        items = batch if isinstance(batch, list) else [batch]
-        for item in items:
-            img = item.get("image") if isinstance(item, Mapping) else None
-            meta = getattr(img, "meta", {}) or {}
-            name = meta.get("filename_or_obj", f"case_{len(self._files)}")
-            if isinstance(name, (list, tuple)):
-                self._files.extend(str(n) for n in name)
-            else:
-                self._files.append(str(name))
+    def _reset(self, engine: Engine) -> None:
+        self._files, self._rows = [], []
 
-    def _write(self, engine: Engine) -> None:
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        for item in output if isinstance(output, list) else [output]:
+            if not isinstance(item, Mapping):
+                continue
+            name = _case_file(item, ("image", self.label_key), f"case_{len(self._files)}")
+            self._files.append(name)
+            if self.case_metrics is not None:
+                label = item[self.label_key]
+                values = dict(self.case_metrics(item[self.pred_key], label, _spacing_of(label)))
+                self._rows.append({"case": Path(name).name, "image": name, **values})
+                logger.info("%s: %s", Path(name).name, {k: _rounded(_num(values[k])) for k in self._summarised(values)})
+
+    def _summarised(self, names) -> list[str]:
+        return [m for m in names if self.metrics is None or m in self.metrics]
+
+    def _detail_rows(self, engine: Engine) -> tuple[list[dict], dict]:
+        """Per-case rows and summary from the metric handlers' per-case, per-class details."""
         details = getattr(engine.state, "metric_details", {}) or {}
-        cases = []
+        rows: list[dict] = []
         summary: dict = {}
-        for metric, values in details.items():
-            values = torch.as_tensor(values).float().cpu()
+        for metric in self._summarised(details):
+            values = torch.as_tensor(details[metric]).float().cpu()
             if values.ndim == 3 and values.shape[-1] == 4:  # raw confusion matrices (tp, fp, tn, fn) per case/class
                 name = next((m for m in ("sensitivity", "specificity", "precision", "accuracy") if m in metric), None)
                 if name is None:
@@ -463,27 +540,63 @@ class MetricsJSONWriter:
             names = self.class_names if self.class_names and len(self.class_names) == n_cls else [
                 f"class_{i + 1}" for i in range(n_cls)]
             for i in range(values.shape[0]):
-                while len(cases) <= i:
-                    cases.append({"image": self._files[len(cases)] if len(cases) < len(self._files) else f"case_{len(cases)}"})
+                while len(rows) <= i:
+                    file = self._files[len(rows)] if len(rows) < len(self._files) else f"case_{len(rows)}"
+                    rows.append({"case": Path(file).name, "image": file})
                 for c, cname in enumerate(names):
-                    cases[i][f"{metric}_{cname}"] = _num(values[i, c])
-                cases[i][f"{metric}_mean"] = _nanmean(values[i])
-            per_class = {cname: _nanmean(values[:, c]) for c, cname in enumerate(names)}
-            summary[metric] = {"per_class": per_class, "mean": _nanmean(values)}
-        result = {"cases": cases, "summary": summary}
+                    rows[i][f"{metric}_{cname}"] = float(values[i, c])
+                rows[i][f"{metric}_mean"] = _nanmean(values[i])
+            summary[metric] = {**_stats(values), "per_class": {cname: _nanmean(values[:, c])
+                                                                for c, cname in enumerate(names)}}
+        return rows, summary
+
+    def _write(self, engine: Engine) -> None:
+        if self.case_metrics is None:
+            rows, summary = self._detail_rows(engine)
+        else:
+            rows = self._rows
+            columns = [k for k in (rows[0] if rows else {}) if k not in ("case", "image")]
+            summary = {m: _stats(torch.tensor([float(r[m]) for r in rows], dtype=torch.float64))
+                       for m in self._summarised(columns)}
+        result = {**self.extra, "cases": rows, "summary": summary}
         dice_key = next((k for k in summary if k.endswith("mean_dice")), None)
         if dice_key is not None:
             result["mean_dice"] = summary[dice_key]["mean"]
-        atomic_write_text(json.dumps(result, indent=2), self.output_path)
-        logger.info("wrote per-case metrics of %d case(s) to %s", len(cases), self.output_path)
+        atomic_write_json(result, self.output_path)
+        logger.info("wrote per-case metrics of %d case(s) to %s", len(rows), self.output_path)
         for metric, s in summary.items():
-            logger.info("%s: mean %s, per class %s", metric, _rounded(s["mean"]),
-                        {k: _rounded(v) for k, v in s["per_class"].items()})
+            logger.info("%s: mean %s%s", metric, _rounded(s["mean"]), "" if "per_class" not in s else
+                        f", per class {({k: _rounded(v) for k, v in s['per_class'].items()})}")
+        if self.csv_path is not None:
+            buf = io.StringIO()
+            fields = list(dict.fromkeys(k for r in rows for k in r))
+            writer = csv.DictWriter(buf, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(buf.getvalue(), self.csv_path)
         if self.summary_path is not None:
-            brief = {"mean_dice": result.get("mean_dice")}
-            for metric, s in summary.items():
-                brief[metric] = s
-            atomic_write_text(json.dumps(brief, indent=2), self.summary_path)
+            atomic_write_json({"mean_dice": result.get("mean_dice"), **summary}, self.summary_path)
+
+
+def _case_file(item: Mapping, keys: Sequence[str], default: str) -> str:
+    """The ``filename_or_obj`` of the first of ``keys`` in ``item`` whose meta data has one, else ``default``."""
+    for key in keys:
+        name = (getattr(item.get(key), "meta", None) or {}).get("filename_or_obj")
+        if isinstance(name, (list, tuple)):  # a collated batch of one
+            name = name[0] if len(name) == 1 else None
+        if name:
+            return str(name)
+    return default
+
+
+def _spacing_of(x: object) -> list[float] | None:
+    """Voxel size per spatial axis of a MetaTensor, from its affine; ``None`` without one."""
+    aff = getattr(x, "affine", None)
+    if aff is None:
+        return None
+    aff = np.asarray(aff.detach().cpu() if isinstance(aff, torch.Tensor) else aff, dtype=np.float64)
+    n = aff.shape[0] - 1
+    return np.sqrt((aff[:n, :n] ** 2).sum(axis=0)).tolist()
 
 
 def _num(v) -> float | None:
@@ -499,6 +612,13 @@ def _rounded(v: float | None) -> float | None:
 def _nanmean(t: torch.Tensor) -> float | None:
     t = t[torch.isfinite(t)]
     return float(t.mean()) if t.numel() else None
+
+
+def _stats(t: torch.Tensor) -> dict:
+    """``mean``, ``std`` (population) and count ``n`` of the finite values of ``t``; ``None`` without one."""
+    t = t[torch.isfinite(t)].double()
+    return {"mean": float(t.mean()) if t.numel() else None, "std": float(t.std(unbiased=False)) if t.numel() else None,
+            "n": int(t.numel())}
 
 
 class GradientClipping:

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from scripts.io_utils import atomic_torch_save, atomic_write_text
+from scripts.io_utils import atomic_torch_save
 from scripts.networks import MambaClinix, authors_network_kwargs, authors_state_dict_to_bundle
-from scripts.plan import _PlanDumper
+from scripts.plan import write_plan
+from scripts.planning import NOT_SET, Plan
 
 __all__ = ["load_nnunet_checkpoint", "nnunet_plan", "spatial_axes_order", "main"]
 
@@ -172,8 +172,8 @@ def nnunet_plan(
     dataset: Mapping[str, Any],
     configuration: str = "3d_fullres",
     paths: Mapping[str, str] | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The bundle's plan (top-level config keys) and state dict for an authors' nnU-Net checkpoint.
+) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """The bundle's plan and state dict for an authors' nnU-Net checkpoint.
 
     Args:
         checkpoint: a loaded ``checkpoint_final.pth`` (see :func:`load_nnunet_checkpoint`).
@@ -231,35 +231,34 @@ def nnunet_plan(
     except ValueError as e:
         raise ValueError(f"{paths['checkpoint']}: {e}") from None
     mirror = checkpoint.get("inference_allowed_mirroring_axes")
-    plan: dict[str, Any] = {
-        "spatial_dims": 3,
-        "in_channels": kwargs["in_channels"],
-        "out_channels": kwargs["out_channels"],
-        "class_names": class_names,
-        "axcodes": None,
-        "spatial_axes_order": order,
-        "pixdim": pixdim,
-        "patch_size": [int(p) for p in config["patch_size"]],
-        "features": kwargs["features"],
-        "strides": strides,
-        "kernel_sizes": kwargs["kernel_size"],
-        "block_types": kwargs["block_types"],
-        "hgcn_orders": kwargs["hgcn_orders"],
+    plan = Plan(
+        spatial_dims=3,
+        in_channels=kwargs["in_channels"],
+        out_channels=kwargs["out_channels"],
+        class_names=class_names,
+        axcodes=None,
+        spatial_axes_order=order,
+        pixdim=pixdim,
+        patch_size=[int(p) for p in config["patch_size"]],
+        batch_size=int(config["batch_size"]) if "batch_size" in config else NOT_SET,
+        features=kwargs["features"],
+        strides=strides,
+        kernel_sizes=kwargs["kernel_size"],
+        block_types=kwargs["block_types"],
+        hgcn_orders=kwargs["hgcn_orders"],
         **_intensity(plans, config, kwargs["in_channels"], paths["plans"]),
-        "tta_mirror_axes": [int(a) for a in mirror] if mirror else None,
-    }
-    if "batch_size" in config:
-        plan["batch_size"] = int(config["batch_size"])
-    plan["plan_info"] = {
-        "source": "nnU-Net v2 checkpoint of the authors' MambaClinix",
-        "checkpoint": str(paths["checkpoint"]),
-        "trainer_name": str(checkpoint.get("trainer_name", "")),
-        "dataset_name": str(plans.get("dataset_name", "")),
-        "configuration": configuration,
-        "transpose_forward": transpose_forward,
-        "nnunet_spacing": spacing,
-        "channel_names": [str(v) for _, v in sorted(channels.items(), key=lambda kv: int(kv[0]))],
-    }
+        tta_mirror_axes=[int(a) for a in mirror] if mirror else None,
+        plan_info={
+            "source": "nnU-Net v2 checkpoint of the authors' MambaClinix",
+            "checkpoint": str(paths["checkpoint"]),
+            "trainer_name": str(checkpoint.get("trainer_name", "")),
+            "dataset_name": str(plans.get("dataset_name", "")),
+            "configuration": configuration,
+            "transpose_forward": transpose_forward,
+            "nnunet_spacing": spacing,
+            "channel_names": [str(v) for _, v in sorted(channels.items(), key=lambda kv: int(kv[0]))],
+        },
+    )
     return plan, state_dict
 
 
@@ -273,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> Plan:
     """Run the import; returns the plan that was written."""
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -289,10 +288,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     atomic_torch_save({k: v.detach().clone().contiguous() for k, v in state_dict.items()}, out / "models" / "model.pt")
-    header = "# Written by `python -m scripts.import_nnunet`: overrides the top-level keys of configs/inference.yaml.\n"
-    atomic_write_text(header + yaml.dump(plan, Dumper=_PlanDumper, sort_keys=False, width=120), out / "configs" / "plan.yaml")
+    write_plan(plan, out / "configs" / "plan.yaml", writer="python -m scripts.import_nnunet")
     logger.info("wrote %s and %s (network axes = our axes %s)", out / "models" / "model.pt", out / "configs" / "plan.yaml",
-                plan["spatial_axes_order"])
+                plan.spatial_axes_order)
     return plan
 
 

@@ -8,7 +8,8 @@ MambaClinix (Bian et al., 2024, https://arxiv.org/abs/2409.12533, section 2.5) t
 - :class:`RegionTverskyLoss`: the region-specific (adaptive) Tversky loss alone.
 - :class:`DiceCERegionTverskyLoss`: ``lambda_ce * CE + lambda_dice * Dice + lambda_rs * RS`` on one output.
 - :class:`MambaClinixLoss`: the compound loss on one output or on a list of deep-supervision outputs.
-- :func:`deep_supervision_weights`: the authors' deep-supervision weights.
+- :func:`deep_supervision_weights` and :data:`AUTHORS_REGION_GRID` (defined in :mod:`scripts.architecture`): the
+  authors' deep-supervision weights and RS region grid.
 
 All losses compute in (at least) float32 whatever the input dtype, so float16/bfloat16 network outputs under
 AMP do not overflow the region sums.
@@ -27,33 +28,14 @@ from monai.networks import one_hot
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from scripts.architecture import AUTHORS_REGION_GRID, deep_supervision_weights
+
+# deep_supervision_weights / AUTHORS_REGION_GRID: re-exported from scripts.architecture (the one definition)
 __all__ = [
     "RegionTverskyLoss", "DiceCERegionTverskyLoss", "MambaClinixLoss", "deep_supervision_weights", "AUTHORS_REGION_GRID",
 ]
 
 _POOLING_MODES = ("sum", "mean")
-# the region grid of the authors' MambaClinix trainer (nnUNetTrainerMambaClinixTRS: num_region_per_axis), the same
-# for every dataset and patch; cells per array axis of the network input
-AUTHORS_REGION_GRID = (8, 8, 14)
-
-
-def deep_supervision_weights(levels: int) -> list[float]:
-    """Deep-supervision weights of MambaClinix / nnU-Net: ``1 / 2**i`` for level ``i`` (full resolution first),
-    the lowest-resolution level set to 0, normalised to sum to 1. One level gets weight 1.
-
-    Example: 4 levels give ``[8/14, 4/14, 2/14, 0]``.
-
-    Args:
-        levels: number of deep-supervision outputs (>= 1).
-    """
-    if int(levels) != levels or levels < 1:
-        raise ValueError(f"levels must be a positive integer, got {levels}.")
-    levels = int(levels)
-    if levels == 1:
-        return [1.0]
-    raw = [0.5**i for i in range(levels - 1)] + [0.0]
-    total = sum(raw)
-    return [w / total for w in raw]
 
 
 def _check_non_negative(name: str, value: float) -> float:

@@ -6,22 +6,22 @@ Example::
     python -m scripts.plan --datalist data/datalist.json --dataset_dir data --output configs/plan.yaml --gpu_memory_gb 24
     python -m scripts.plan --datalist data/datalist.json --dataset_dir data --output configs/plan.yaml --cpu --max_features 64
 
-The YAML holds the top-level keys that override ``configs/train.yaml`` plus ``plan_info`` (fingerprint summary and
-the reasons behind every choice), e.g. ``python -m monai.bundle run --config_file "['configs/train.yaml',
-'configs/plan.yaml']"``.
+The YAML holds the top-level keys of :class:`scripts.planning.Plan` that override ``configs/train.yaml`` and
+``configs/inference.yaml``, plus ``plan_info`` (fingerprint summary and the reasons behind every choice, read by no
+config), e.g. ``python -m monai.bundle run --config_file "['configs/train.yaml','configs/plan.yaml']"``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
-from typing import Any
 
 import yaml
 
-from scripts.planning import DEFAULT_GPU_MEMORY_GB, extract_fingerprint, plan_experiment
 from scripts.io_utils import atomic_write_text
+from scripts.planning import DEFAULT_GPU_MEMORY_GB, Plan, extract_fingerprint, plan_experiment
 
 __all__ = ["main", "write_plan"]
 
@@ -39,15 +39,17 @@ class _PlanDumper(yaml.SafeDumper):
 _PlanDumper.add_representer(list, _PlanDumper.represent_list)
 
 
-def write_plan(plan: dict[str, Any], output: str) -> None:
-    """Write ``plan`` as YAML atomically (a temporary file in the same folder, then ``os.replace``).
+def write_plan(plan: Plan, output: str | os.PathLike, writer: str = "python -m scripts.plan") -> None:
+    """Write ``plan.to_config()`` as YAML atomically (a temporary file in the same folder, then ``os.replace``).
 
     Args:
-        plan: the dict of :func:`scripts.planning.plan_experiment`.
+        plan: the plan, e.g. from :func:`scripts.planning.plan_experiment`.
         output: YAML path; its folder is created if needed.
+        writer: the command named in the file's header comment.
     """
-    header = "# Written by `python -m scripts.plan`: overrides the top-level keys of configs/train.yaml.\n"
-    atomic_write_text(header + yaml.dump(plan, Dumper=_PlanDumper, sort_keys=False, width=120), output)
+    header = (f"# Written by `{writer}`: overrides the top-level keys of configs/train.yaml and "
+              "configs/inference.yaml.\n")
+    atomic_write_text(header + yaml.dump(plan.to_config(), Dumper=_PlanDumper, sort_keys=False, width=120), output)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,15 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default=None, help="CT, MR, ... for all channels, or comma-separated per channel")
     p.add_argument("--max_features", type=int, default=None, help="cap of the channels per stage (e.g. 64 on CPU)")
     p.add_argument("--base_features", type=int, default=32, help="channels of the first stage")
-    p.add_argument("--spatial_dims", type=int, default=None, choices=(2, 3), help="2: plan slices of 3D data")
+    p.add_argument("--spatial_dims", type=int, default=None, choices=(2, 3),
+                   help="the data's dimensionality (default); another value is an error")
     p.add_argument("--max_cases", type=int, default=None, help="fingerprint only this many evenly spaced cases")
     p.add_argument("--target_spacing", type=float, nargs="+", default=None,
                    help="resample to this spacing instead of the median spacing (e.g. 2 2 2 for a CPU demo)")
     p.add_argument("--work_dir", default=None, help="keep DataAnalyzer's datastats.yaml here (default: temporary)")
+    p.add_argument("--image_limits", type=_limits, default=None,
+                   help="image size limits of the datalist check, e.g. \"{max_voxels: 1000000000}\" (fields of "
+                        "scripts.image_guard.ImageLimits; default: its defaults)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def _limits(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as {{max_voxels: 1000000000}}, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> Plan:
     """Run the planner; returns the plan that was written.
 
     Args:
@@ -80,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     fingerprint = extract_fingerprint(
-        args.datalist, args.dataset_dir, modality=args.modality, work_dir=args.work_dir, max_cases=args.max_cases
+        args.datalist, args.dataset_dir, modality=args.modality, work_dir=args.work_dir, max_cases=args.max_cases,
+        limits=args.image_limits,
     )
     logger.info(
         "fingerprint: %d cases (%d analysed), %d channel(s) %s, median spacing %s, median shape %s, labels %s",
@@ -98,10 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         spatial_dims=args.spatial_dims,
         target_spacing=args.target_spacing,
     )
-    for reason in plan["plan_info"]["reasons"]:
+    for reason in plan.plan_info["reasons"]:
         logger.info("%s", reason)
-    summary = {k: v for k, v in plan.items() if k != "plan_info"}
-    logger.info("plan: %s", summary)
+    logger.info("plan: %s", plan.to_config(include_info=False))
     write_plan(plan, args.output)
     logger.info("wrote %s", args.output)
     return plan

@@ -4,29 +4,38 @@
 The three steps, as in nnU-Net v2 (`Isensee et al., Nature Methods 2021 <https://doi.org/10.1038/s41592-020-01008-z>`_)
 and Sec. 2.4 / Table 2 of `MambaClinix <https://arxiv.org/abs/2409.12533>`_:
 
-1. :func:`extract_fingerprint` runs MONAI's :class:`~monai.apps.auto3dseg.DataAnalyzer` on the "training" list of an
-   MSD-style datalist and condenses its per-case statistics (spacings, shapes, per-channel foreground intensities,
-   labels and class frequencies).
-2. :func:`plan_topology` derives pooling per axis, strides, kernel sizes and the HGCN / Mamba stage layout (Eq. 11)
-   from a target spacing and a patch size.
+1. :func:`extract_fingerprint` checks the "training" list of an MSD-style datalist
+   (:func:`scripts.data.validate_datalist`), runs MONAI's :class:`~monai.apps.auto3dseg.DataAnalyzer` on it and
+   condenses its per-case statistics (spacings, shapes, per-channel foreground intensities, labels and class
+   frequencies).
+2. :func:`plan_topology` derives pooling per axis, strides, kernel sizes and the HGCN / Mamba stage layout (Eq. 11,
+   :mod:`scripts.architecture`) from a target spacing and a patch size.
 3. :func:`plan_experiment` picks the target spacing, intensity normalisation, patch size and batch size within a
-   memory budget, and returns the top-level keys that ``configs/plan.yaml`` overrides in ``configs/train.yaml``.
+   memory budget and returns a :class:`Plan`: :meth:`Plan.to_config` gives the top-level keys that
+   ``configs/plan.yaml`` overrides in ``configs/train.yaml`` and ``configs/inference.yaml``.
 
 Axes are in the order MONAI gives after ``Orientationd(axcodes="RAS")`` (DataAnalyzer reorients every case to RAS),
 so a training config must orient to RAS before resampling to ``pixdim``.
+
+Importing this module does not import torch (numpy and the standard library only); the fingerprint imports MONAI
+when it runs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 import numpy as np
+
+from scripts.architecture import AUTHORS_REGION_GRID, BLOCK_TYPES, HGCN_ORDER_RANGE, default_block_types, default_hgcn_orders
 
 __all__ = [
     "ANISOTROPY_THRESHOLD",
@@ -35,7 +44,11 @@ __all__ = [
     "CPU_MEMORY_BUDGET_GB",
     "CPU_MAX_PATCH_VOXELS",
     "DEFAULT_GPU_MEMORY_GB",
-    "check_datalist",
+    "INTENSITY_SCHEMES",
+    "NOT_SET",
+    "PLAN_INFO_KEY",
+    "PLAN_KEYS",
+    "Plan",
     "estimate_training_memory_gb",
     "extract_fingerprint",
     "plan_experiment",
@@ -66,117 +79,287 @@ CPU_MAX_PATCH_VOXELS = 64**3
 ACTIVATIONS_PER_FEATURE_VOXEL = {"hgcn": 40.0, "mamba": 80.0}
 """Tensor elements kept for the backward pass per feature-map element ``C_s * V_s`` of a resolution level ``s``.
 
-Counted on the MambaClinix layout (docs: shared notes): the encoder residual block keeps ~8 maps of width ``C``
-(two convs, their norms / activations, the skip projection and the sum); an HGCN block ~10 (1x1 stem, LayerNorm,
-proj_in at 2 x C/2, depth-wise conv, the recursive sums, layer scale, two output convs); the decoder level ~22
-(upsample + 1x1 conv, a residual block on the skip, the concatenation at 2C, a 2C -> C residual block, the head).
-A Mamba level replaces the HGCN block by LayerNorm, in_proj (4C), causal conv + SiLU (2C + 2C), delta (2C), the
-gate, out_proj and the linear layer (~20C) plus the selective-scan states kept for backward (``d_inner * d_state
-= 32C``). These are rough counts: the lead calibrates them by the peak memory of one CPU training step.
+Counted on the MambaClinix layout: the encoder residual block keeps ~8 maps of width ``C`` (two convs, their
+norms / activations, the skip projection and the sum); an HGCN block ~10 (1x1 stem, LayerNorm, proj_in at
+2 x C/2, depth-wise conv, the recursive sums, layer scale, two output convs); the decoder level ~22 (upsample +
+1x1 conv, a residual block on the skip, the concatenation at 2C, a 2C -> C residual block, the head). A Mamba
+level replaces the HGCN block by LayerNorm, in_proj (4C), causal conv + SiLU (2C + 2C), delta (2C), the gate,
+out_proj and the linear layer (~20C) plus the selective-scan states kept for backward (``d_inner * d_state = 32C``).
+Rough counts, scaled by :data:`BYTES_PER_ACTIVATION`.
 """
 
 BYTES_PER_ACTIVATION = {"cpu": 4.8, "gpu": 2.75}
 """Bytes per kept element, allocator slack included.
 
-- ``cpu``: float32 (4 bytes) x 1.2, measured: peak RSS increase of one training step (MambaClinix, Adam, batch 2,
-  4 -> 4 channels, deep-supervised CE) on this 2-core machine was 0.63 / 1.46 / 1.69 / 1.03 GB for patches
-  32^3, 40x56x40, 48^3 (features capped at 64) and 32x48x40 (features 32..256), against 0.45 / 1.18 / 1.44 / 1.05 GB
-  estimated with 4.0 bytes.
-- ``gpu``: mixed float16 (AMP conv outputs) / float32 (norms, Mamba) storage, calibrated so that the BraTS fingerprint
+- ``cpu``: float32 (4 bytes) x 1.2, fitted to the peak resident memory of one CPU training step (MambaClinix, Adam,
+  batch 2, deep-supervised loss) for patches from 32^3 to 48^3.
+- ``gpu``: mixed float16 (AMP conv outputs) / float32 (norms, Mamba) storage, chosen so that the BraTS fingerprint
   (1 mm, median cropped shape ~138x169x138, 4 channels) gets Table 2's 128^3 patch with batch 2 at 24 GB (the
   authors' RTX 4090), the next larger candidate (128x160x128) not fitting.
 """
 
 PARAMS_PER_KERNEL_CHANNEL_SQ = 6.2
-"""Parameters ~= this x sum over stages of ``prod(kernel_s) * C_s**2``: 48.88 M parameters for the reference network
-(features 32..320, kernel 3, 6 stages: sum 27 * C_s**2 = 7.88 M)."""
+"""Parameters ~= this x sum over stages of ``prod(kernel_s) * C_s**2``, fitted to the parameter count of the
+paper's 6-stage network (features 32..320, kernel 3)."""
 
 BYTES_PER_PARAM = 16.0
 """float32 weight + gradient + two Adam moments."""
 
 FIXED_OVERHEAD_GB = {"cpu": 0.5, "gpu": 1.0}
-"""Overhead independent of the patch: torch / MONAI runtime (0.5 GB RSS measured on CPU before the first step), the
-CUDA context and cuDNN workspaces on GPU."""
+"""Overhead independent of the patch: the torch / MONAI runtime on CPU, the CUDA context and cuDNN workspaces on
+GPU."""
+
+INTENSITY_SCHEMES = ("ct", "zscore", "none")
+"""Intensity normalisation of a channel (:class:`scripts.transforms.NormalizeChannelsd`)."""
+
+PLAN_INFO_KEY = "plan_info"
+"""The one key of a plan file that no config reads: the fingerprint summary and the reasons behind the plan."""
 
 _MAX_FEATURES = {2: 512, 3: 320}
 _MIN_REGION_EDGE = 4
-_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".mgz", ".mgh")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------------------------------
+class _NotSet(Enum):
+    NOT_SET = "NOT_SET"
+
+    def __repr__(self) -> str:
+        return "NOT_SET"
+
+
+NOT_SET = _NotSet.NOT_SET
+"""Value of an optional :class:`Plan` field that the plan leaves out: the config's own default applies."""
+
+
+def _fail(name: str, what: str, value: Any) -> ValueError:
+    return ValueError(f"plan key '{name}' must be {what}, got {value!r}.")
+
+
+def _int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise _fail(name, f"an integer >= {minimum}", value)
+    return int(value)
+
+
+def _int_list(name: str, value: Any, length: int | None = None, minimum: int = 1) -> list[int]:
+    what = f"a list of {'' if length is None else f'{length} '}integers >= {minimum}"
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        raise _fail(name, what, value)
+    try:
+        return [_int(name, v, minimum) for v in value]
+    except ValueError:
+        raise _fail(name, what, value) from None
+
+
+def _float_list(name: str, value: Any, length: int, positive: bool = True) -> list[float]:
+    what = f"a list of {length} {'positive ' if positive else ''}numbers"
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise _fail(name, what, value)
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in value):
+        raise _fail(name, what, value)
+    if positive and any(v <= 0 for v in value):
+        raise _fail(name, what, value)
+    return [float(v) for v in value]
+
+
+def _per_stage(name: str, value: Any, num_stages: int, spatial_dims: int) -> list[list[int]]:
+    if not isinstance(value, (list, tuple)) or len(value) != num_stages:
+        raise _fail(name, f"one entry per stage ({num_stages}, the length of features)", value)
+    return [_int_list(name, v, spatial_dims) for v in value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The experiment plan: the top-level keys that ``configs/plan.yaml`` sets in ``configs/train.yaml`` (with
+    ``configs/evaluate.yaml``) and ``configs/inference.yaml``, typed and checked.
+
+    Written by :func:`plan_experiment` (``python -m scripts.plan``) and by ``python -m scripts.import_nnunet``;
+    :meth:`to_config` gives the YAML mapping, :meth:`from_config` reads one back. Fields left at :data:`NOT_SET`
+    are not written, so the config's own default applies. Values are validated and normalised to plain Python
+    types on construction (a ``ValueError`` names the key).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        out_channels: classes including background.
+        class_names: names of the classes without background (``out_channels - 1``), for the metrics.
+        pixdim: target spacing per axis, in the loaded array's axis order.
+        axcodes: orientation of the loaded arrays (``"RAS"``), or ``None`` to keep the file's voxel grid.
+        spatial_axes_order: network axis ``a`` is the loaded axis ``spatial_axes_order[a]`` after resampling, or
+            ``None`` for the same order.
+        patch_size: training patch (and sliding-window ROI) per axis, divisible by the total stride per axis.
+        batch_size: training batch size.
+        features: channels per stage (at least 2 stages).
+        strides: per stage, per axis.
+        kernel_sizes: per stage, per axis.
+        block_types: per stage, one of :data:`scripts.architecture.BLOCK_TYPES`.
+        hgcn_orders: one interaction order per ``"hgcn"`` stage.
+        num_regions: cells per axis of the region-specific Tversky loss.
+        intensity_schemes: one of :data:`INTENSITY_SCHEMES` per channel.
+        intensity_stats: per channel ``[lower, upper, mean, std]`` (required for ``"ct"``) or ``None``.
+        intensity_nonzero: z-score statistics over non-zero voxels only.
+        tta_mirror_axes: mirroring test-time augmentation axes, or ``None`` for none.
+        plan_info: information only (:data:`PLAN_INFO_KEY`, read by no config): fingerprint summary, memory
+            estimate and the reasons behind the plan.
+    """
+
+    spatial_dims: int
+    in_channels: int
+    out_channels: int
+    class_names: list[str] | _NotSet = NOT_SET
+    pixdim: list[float]
+    axcodes: str | None | _NotSet = NOT_SET
+    spatial_axes_order: list[int] | None | _NotSet = NOT_SET
+    patch_size: list[int]
+    batch_size: int | _NotSet = NOT_SET
+    features: list[int]
+    strides: list[list[int]]
+    kernel_sizes: list[list[int]]
+    block_types: list[str]
+    hgcn_orders: list[int]
+    num_regions: list[int] | _NotSet = NOT_SET
+    intensity_schemes: list[str]
+    intensity_stats: list[list[float] | None]
+    intensity_nonzero: bool | _NotSet = NOT_SET
+    tta_mirror_axes: list[int] | None | _NotSet = NOT_SET
+    plan_info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, value in self._checked().items():
+            object.__setattr__(self, name, value)
+
+    def _checked(self) -> dict[str, Any]:
+        """Every field validated and as plain Python types."""
+        out: dict[str, Any] = {}
+        dims = _int("spatial_dims", self.spatial_dims)
+        if dims not in (2, 3):
+            raise _fail("spatial_dims", "2 or 3", self.spatial_dims)
+        out["spatial_dims"] = dims
+        out["in_channels"] = _int("in_channels", self.in_channels)
+        out["out_channels"] = _int("out_channels", self.out_channels)
+        if self.class_names is not NOT_SET:
+            n = out["out_channels"] - 1
+            if not isinstance(self.class_names, (list, tuple)) or len(self.class_names) != n:
+                raise _fail("class_names", f"a list of {n} names (out_channels - 1, no background)", self.class_names)
+            out["class_names"] = [str(c) for c in self.class_names]
+        out["pixdim"] = _float_list("pixdim", self.pixdim, dims)
+        if self.axcodes is not NOT_SET:
+            if self.axcodes is not None and (not isinstance(self.axcodes, str) or not self.axcodes):
+                raise _fail("axcodes", "null or orientation codes such as 'RAS'", self.axcodes)
+            out["axcodes"] = self.axcodes
+        if self.spatial_axes_order is not NOT_SET:
+            order = self.spatial_axes_order
+            if order is not None:
+                order = _int_list("spatial_axes_order", order, dims, minimum=0)
+                if sorted(order) != list(range(dims)):
+                    raise _fail("spatial_axes_order", f"null or a permutation of 0..{dims - 1}", order)
+            out["spatial_axes_order"] = order
+        features = _int_list("features", self.features)
+        if len(features) < 2:
+            raise _fail("features", "the channels of at least 2 stages", self.features)
+        n_stages = len(features)
+        out["features"] = features
+        out["strides"] = _per_stage("strides", self.strides, n_stages, dims)
+        out["kernel_sizes"] = _per_stage("kernel_sizes", self.kernel_sizes, n_stages, dims)
+        divisor = [math.prod(s[a] for s in out["strides"]) for a in range(dims)]
+        patch = _int_list("patch_size", self.patch_size, dims)
+        if any(p % d for p, d in zip(patch, divisor)):
+            raise _fail("patch_size", f"divisible by the total stride {divisor} per axis", self.patch_size)
+        out["patch_size"] = patch
+        if self.batch_size is not NOT_SET:
+            out["batch_size"] = _int("batch_size", self.batch_size)
+        blocks = self.block_types
+        if not isinstance(blocks, (list, tuple)) or len(blocks) != n_stages or any(b not in BLOCK_TYPES for b in blocks):
+            raise _fail("block_types", f"one of {list(BLOCK_TYPES)} per stage ({n_stages})", blocks)
+        out["block_types"] = [str(b) for b in blocks]
+        out["hgcn_orders"] = _int_list("hgcn_orders", self.hgcn_orders, out["block_types"].count("hgcn"))
+        if self.num_regions is not NOT_SET:
+            out["num_regions"] = _int_list("num_regions", self.num_regions, dims)
+        channels = out["in_channels"]
+        schemes = self.intensity_schemes
+        if not isinstance(schemes, (list, tuple)) or len(schemes) != channels or any(s not in INTENSITY_SCHEMES for s in schemes):
+            raise _fail("intensity_schemes", f"one of {list(INTENSITY_SCHEMES)} per input channel ({channels})", schemes)
+        out["intensity_schemes"] = [str(s) for s in schemes]
+        stats = self.intensity_stats
+        if not isinstance(stats, (list, tuple)) or len(stats) != channels:
+            raise _fail("intensity_stats", f"one entry per input channel ({channels})", stats)
+        out["intensity_stats"] = []
+        for scheme, st in zip(out["intensity_schemes"], stats):
+            if st is None and scheme != "ct":
+                out["intensity_stats"].append(None)
+            else:
+                out["intensity_stats"].append(_float_list("intensity_stats", st, 4, positive=False))
+        if self.intensity_nonzero is not NOT_SET:
+            if not isinstance(self.intensity_nonzero, (bool, np.bool_)):
+                raise _fail("intensity_nonzero", "true or false", self.intensity_nonzero)
+            out["intensity_nonzero"] = bool(self.intensity_nonzero)
+        if self.tta_mirror_axes is not NOT_SET:
+            axes = self.tta_mirror_axes
+            if axes is not None:
+                axes = _int_list("tta_mirror_axes", axes, minimum=0)
+                if len(set(axes)) != len(axes) or any(a >= dims for a in axes):
+                    raise _fail("tta_mirror_axes", f"null or distinct axes in 0..{dims - 1}", self.tta_mirror_axes)
+            out["tta_mirror_axes"] = axes
+        if not isinstance(self.plan_info, Mapping):
+            raise _fail(PLAN_INFO_KEY, "a mapping", self.plan_info)
+        out[PLAN_INFO_KEY] = _to_builtin(dict(self.plan_info))
+        return out
+
+    def to_config(self, include_info: bool = True) -> dict[str, Any]:
+        """The plan as the top-level keys of a config, in field order, plain Python types (YAML-ready).
+
+        Args:
+            include_info: add :data:`PLAN_INFO_KEY` (when it holds anything), the one key no config reads.
+
+        Returns:
+            a new dict: every field not :data:`NOT_SET`, then ``plan_info``.
+        """
+        config = {
+            f.name: _to_builtin(getattr(self, f.name))
+            for f in fields(self)
+            if f.name != PLAN_INFO_KEY and getattr(self, f.name) is not NOT_SET
+        }
+        if include_info and self.plan_info:
+            config[PLAN_INFO_KEY] = _to_builtin(self.plan_info)
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], strict: bool = False) -> Plan:
+        """The plan held by the top-level keys of a config or a plan file.
+
+        Args:
+            config: e.g. the parsed ``configs/plan.yaml`` or ``configs/train.yaml``; keys absent from it stay
+                :data:`NOT_SET` (optional fields) or raise (required fields).
+            strict: refuse keys that are neither plan keys nor :data:`PLAN_INFO_KEY` (reading a plan file);
+                otherwise they are ignored (reading a whole config).
+
+        Raises:
+            ValueError: a required key is missing, an unknown key with ``strict``, or a value of the wrong type or
+                length.
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"a plan must be a mapping of config keys, got {type(config).__name__}.")
+        known = {f.name for f in fields(cls)}
+        if strict:
+            unknown = sorted(set(config) - known)
+            if unknown:
+                raise ValueError(f"unknown plan key(s) {unknown}; a plan holds {sorted(known)}.")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ValueError(f"the plan misses the key(s) {missing}; write it with `python -m scripts.plan`.")
+        return cls(**{k: config[k] for k in known if k in config})
+
+
+PLAN_KEYS = tuple(f.name for f in fields(Plan) if f.name != PLAN_INFO_KEY)
+"""The config keys a plan may set, in the order :meth:`Plan.to_config` writes them."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # fingerprint
 # --------------------------------------------------------------------------------------------------------------------
-def _as_path_list(item: str | Sequence[str], dataset_dir: str) -> list[str]:
-    files = [item] if isinstance(item, str) else list(item)
-    return [f if os.path.isabs(f) else os.path.join(dataset_dir, f) for f in files]
-
-
-def _read_header(path: str) -> tuple[tuple[int, ...], int]:
-    """Spatial shape and channel count of an image file, reading only the header where the format allows it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image or label file not found: '{path}'. Check the datalist and --dataset_dir.")
-    if path.lower().endswith(_NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        shape = tuple(int(s) for s in nib.load(path).shape)
-        spatial = shape[:3] if len(shape) >= 3 else shape
-        return spatial, int(np.prod(shape[3:])) if len(shape) > 3 else 1
-    from monai.transforms import LoadImage
-
-    img = LoadImage(image_only=True, ensure_channel_first=True)(path)
-    return tuple(int(s) for s in img.shape[1:]), int(img.shape[0])
-
-
-def check_datalist(datalist: Mapping[str, Any], dataset_dir: str, key: str = "training") -> list[dict]:
-    """Check the cases of ``datalist[key]`` before analysing them, reading file headers only.
-
-    Args:
-        datalist: MSD-style datalist, ``{"training": [{"image": ..., "label": ...}, ...], ...}``; ``image`` is a path
-            or a list of per-channel paths, relative to ``dataset_dir`` unless absolute.
-        dataset_dir: root directory of the relative paths.
-        key: the list to check.
-
-    Returns:
-        the cases with absolute paths.
-
-    Raises:
-        ValueError: empty list, a case without image or label, inconsistent channel counts, or a label whose spatial
-            shape differs from its image.
-        FileNotFoundError: a file that does not exist.
-    """
-    cases = datalist.get(key) if isinstance(datalist, Mapping) else None
-    if not cases:
-        raise ValueError(f"The datalist has no '{key}' cases; add a non-empty '{key}' list of image/label pairs.")
-    checked, first_channels = [], None
-    for i, case in enumerate(cases):
-        if not isinstance(case, Mapping) or "image" not in case or "label" not in case:
-            raise ValueError(f"Case {i} of '{key}' needs both an 'image' and a 'label' entry, got {case!r}.")
-        images = _as_path_list(case["image"], dataset_dir)
-        label = _as_path_list(case["label"], dataset_dir)[0]
-        shapes, channels = [], 0
-        for f in images:
-            shape, ch = _read_header(f)
-            shapes.append(shape)
-            channels += ch
-        if len(set(shapes)) > 1:
-            raise ValueError(f"The channel files of case {i} have different shapes {shapes}: {images}.")
-        if first_channels is None:
-            first_channels = (channels, images[0])
-        elif channels != first_channels[0]:
-            raise ValueError(
-                f"Inconsistent channel counts: '{images[0]}' has {channels} channel(s) but '{first_channels[1]}' has "
-                f"{first_channels[0]}; every case needs the same channels in the same order."
-            )
-        label_shape, _ = _read_header(label)
-        if tuple(label_shape) != tuple(shapes[0]):
-            raise ValueError(
-                f"Label '{label}' has shape {list(label_shape)} but its image '{images[0]}' has {list(shapes[0])}; "
-                "labels must be on the image grid."
-            )
-        checked.append({"image": images if len(images) > 1 else images[0], "label": label})
-    return checked
-
-
 def _modalities(datalist: Mapping[str, Any], channels: int, modality: str | Sequence[str] | None) -> list[str]:
     if modality is not None:
         mods = [m.strip() for m in modality.split(",")] if isinstance(modality, str) else [str(m) for m in modality]
@@ -193,13 +376,18 @@ def _modalities(datalist: Mapping[str, Any], channels: int, modality: str | Sequ
 
 
 def extract_fingerprint(
-    datalist: str | Mapping[str, Any],
+    datalist: str | os.PathLike | Mapping[str, Any],
     dataset_dir: str,
     modality: str | Sequence[str] | None = None,
     work_dir: str | None = None,
     max_cases: int | None = None,
+    limits: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Dataset fingerprint from MONAI's DataAnalyzer (CPU, no worker processes) on the "training" list.
+
+    Every case is checked first from its file headers (:func:`scripts.data.validate_datalist` with
+    ``read=False``): files present and within ``limits``, an image and a label on the same voxel grid, the same
+    channel count in every case.
 
     Args:
         datalist: MSD-style datalist dict or path to its JSON file.
@@ -208,23 +396,27 @@ def extract_fingerprint(
             defaults to the datalist's "modality" table (``{"0": "CT"}`` as in MSD), else "unknown".
         work_dir: where DataAnalyzer writes ``datastats.yaml`` (and ``datastats_by_case.yaml``); a temporary
             directory, removed afterwards, when None.
-        max_cases: analyse only this many evenly spaced cases (all headers are still checked). DataAnalyzer needs
-            about 15 s per 4 x 240 x 240 x 155 case on 2 busy CPU cores, so a full BraTS (1251 cases) takes hours.
+        max_cases: analyse only this many evenly spaced cases (all headers are still checked); DataAnalyzer reads
+            every analysed case in full, so this bounds the time on large datasets.
+        limits: image size limits of the check (fields of :class:`scripts.image_guard.ImageLimits`); ``None``: the
+            defaults.
 
     Returns:
         dict with ``n_cases`` (all training cases), ``n_cases_analyzed``, ``spatial_dims``, ``channels``, ``modalities``, per-case ``spacings`` and ``shapes``,
         ``median_spacing``, ``median_shape``, ``foreground_intensity`` (per channel: mean, std, percentile_00_5,
         percentile_99_5), ``labels``, ``class_frequency`` (mean fraction of voxels per label) and ``target_ratio``
         (per foreground label: mean / median / min over cases of label voxels / all voxels, the T/W ratio).
-    """
-    if isinstance(datalist, str):
-        import json
 
-        if not os.path.isfile(datalist):
-            raise FileNotFoundError(f"Datalist file not found: '{datalist}'.")
-        with open(datalist) as f:
-            datalist = json.load(f)
-    cases = check_datalist(datalist, dataset_dir)
+    Raises:
+        scripts.data.DataError: a missing or unreadable datalist or case, naming the file (a ``ValueError``).
+    """
+    from scripts.data import load_datalist, read_datalist, validate_datalist  # MONAI only when it runs
+
+    datalist = read_datalist(datalist)
+    cases = validate_datalist(
+        load_datalist(datalist, dataset_dir, "training"), None, None, "training", limits=limits, require_label=True,
+        read=False,
+    )
     n_total = len(cases)
     if max_cases is not None:
         if max_cases < 1:
@@ -331,7 +523,7 @@ def plan_topology(
     max_pool_per_axis: int = 6,
     max_num_stages: int | None = None,
     spacing_ratio: float = 2.0,
-    hgcn_order_range: tuple[int, int] = (2, 6),
+    hgcn_order_range: tuple[int, int] = HGCN_ORDER_RANGE,
 ) -> dict[str, Any]:
     """Pooling, strides, kernels and HGCN / Mamba stage layout from a spacing and a patch size (nnU-Net's rule).
 
@@ -346,8 +538,8 @@ def plan_topology(
 
     The kernel of an axis is 1 at the stages where its spacing is still ``>= spacing_ratio`` x the finest spacing of
     that stage, 3 from the first stage where it is not. The patch is padded up to a multiple of ``2**pools`` per axis.
-    Eq. 11 of MambaClinix: the first ``ceil(n/2)`` stages get HGCN blocks of order ``s + 2`` (clipped to
-    ``hgcn_order_range``), the rest Mamba blocks.
+    Eq. 11 of MambaClinix (:func:`scripts.architecture.default_block_types` / ``default_hgcn_orders``): the first
+    ``ceil(n/2)`` stages get HGCN blocks of order ``s + 2`` (clipped to ``hgcn_order_range``), the rest Mamba blocks.
 
     Args:
         spacing: target spacing per axis (2 or 3 axes).
@@ -425,17 +617,16 @@ def plan_topology(
 
     divisor = [2**p for p in pools]
     padded = [int(math.ceil(int(p) / d) * d) for p, d in zip(patch_size, divisor)]
-    n = len(strides)
-    n_hgcn = math.ceil(n / 2)
+    block_types = default_block_types(len(strides))
     return {
         "pool_per_axis": pools,
         "strides": strides,
         "kernel_sizes": kernels,
-        "num_stages": n,
+        "num_stages": len(strides),
         "patch_size": padded,
         "divisor": divisor,
-        "block_types": ["hgcn"] * n_hgcn + ["mamba"] * (n - n_hgcn),
-        "hgcn_orders": [min(max(s + 2, lo), hi) for s in range(n_hgcn)],
+        "block_types": block_types,
+        "hgcn_orders": default_hgcn_orders(block_types, lo, hi),
         "stop_reasons": reasons,
     }
 
@@ -532,16 +723,17 @@ def _next_smaller(spacing: Sequence[float], patch: list[int], axis: int, floor: 
 
 def region_grid(patch_size: Sequence[int]) -> list[int]:
     """Region grid of the RS loss for a patch, chosen as the authors' trainer does: its fixed grid
-    ``AUTHORS_REGION_GRID = (8, 8, 14)`` cells per array axis whatever the dataset and patch (their patches range
-    from (40, 224, 192) to (128, 128, 128)); 2D patches take its last two entries, (8, 14), the in-plane pair.
-    Only where a patch is too small for it (an axis shorter than 4 voxels per cell) is an axis reduced, to
-    ``max(1, patch // 4)`` cells. Every patch of the paper's Table 2 and the demo's (32, 64, 56) get (8, 8, 14).
+    :data:`scripts.architecture.AUTHORS_REGION_GRID` ``(8, 8, 14)`` cells per array axis whatever the dataset and
+    patch; 2D patches take its last two entries, (8, 14), the in-plane pair. Only where a patch is too small for it
+    (an axis shorter than 4 voxels per cell) is an axis reduced, to ``max(1, patch // 4)`` cells. Every patch of the
+    paper's Table 2 and the demo's (32, 64, 56) get (8, 8, 14).
 
     Args:
         patch_size: the patch, 2 or 3 axes.
-    """
-    from .losses import AUTHORS_REGION_GRID  # torch only when planning, not when reading this module
 
+    Raises:
+        ValueError: not 2 or 3 positive entries.
+    """
     patch = [int(p) for p in patch_size]
     if len(patch) not in (2, 3) or min(patch) < 1:
         raise ValueError(f"patch_size must have 2 or 3 positive entries, got {list(patch_size)}.")
@@ -561,7 +753,7 @@ def plan_experiment(
     min_batch_size: int = MIN_BATCH_SIZE,
     max_patch_voxels: int | None = None,
     target_spacing: Sequence[float] | None = None,
-) -> dict[str, Any]:
+) -> Plan:
     """nnU-Net 3d_fullres-like experiment plan for MambaClinix.
 
     Target spacing: the median spacing (an anisotropic axis uses the 10th percentile of its spacings, nnU-Net's rule).
@@ -579,8 +771,8 @@ def plan_experiment(
             :data:`CPU_MAX_PATCH_VOXELS` voxels.
         max_features: cap of the channels per stage (320 in 3D / 512 in 2D at most).
         base_features: channels of the first stage (doubled every stage).
-        spatial_dims: 2 plans in-plane slices of 3D data (drops the axis with the coarsest spacing); default the
-            dimensionality of the data.
+        spatial_dims: the dimensionality of the data (the default); any other value raises, since the configs
+            train and infer on whole 2D images or 3D volumes, not on slices of them.
         min_feature_map: smallest bottleneck edge.
         max_pool_per_axis: most poolings per axis.
         min_batch_size: smallest batch size.
@@ -588,12 +780,15 @@ def plan_experiment(
         target_spacing: use this spacing instead of the planned one (e.g. a coarser grid for a CPU demo).
 
     Returns:
-        the top-level config keys (spatial_dims, in_channels, out_channels, pixdim, patch_size, batch_size, features,
-        strides, kernel_sizes, block_types, hgcn_orders, num_regions, intensity_schemes, intensity_stats,
-        ds_weights) and ``plan_info`` (fingerprint summary, memory estimate and the reasons in words).
+        the :class:`Plan`: spatial_dims, in_channels, out_channels, pixdim, patch_size, batch_size, features,
+        strides, kernel_sizes, block_types, hgcn_orders, num_regions, intensity_schemes and intensity_stats (the
+        other fields are left to the configs' defaults), and ``plan_info`` (fingerprint summary, memory estimate
+        and the reasons in words). The deep-supervision weights follow from the number of stages
+        (:func:`scripts.architecture.deep_supervision_weights`) and are not part of the plan.
 
     Raises:
-        ValueError: conflicting budgets, or a budget too small for the minimum network.
+        ValueError: conflicting budgets, a budget too small for the minimum network, or ``spatial_dims`` other than
+            the data's.
     """
     if cpu and gpu_memory_gb is not None:
         raise ValueError("Give either gpu_memory_gb or cpu=True, not both.")
@@ -608,6 +803,15 @@ def plan_experiment(
     reasons: list[str] = []
 
     data_dims = len(fingerprint["median_spacing"])
+    if data_dims not in (2, 3):
+        raise ValueError(f"The fingerprint has {data_dims} spatial axes; the planner plans 2D or 3D data.")
+    dims = data_dims if spatial_dims is None else int(spatial_dims)
+    if dims != data_dims:
+        raise ValueError(
+            f"spatial_dims={spatial_dims} for {data_dims}D data: the MambaClinix configs train and infer on whole "
+            f"{data_dims}D images, so the plan has the data's dimensionality; omit --spatial_dims"
+            + (", or use the 2D lesion workflow (configs/hunet_train.yaml), which trains on slices." if dims == 2 else ".")
+        )
     if target_spacing is not None:
         spacing = [float(v) for v in target_spacing]
         if len(spacing) != data_dims or any(v <= 0 for v in spacing):
@@ -620,16 +824,6 @@ def plan_experiment(
     new_shapes = np.round(shapes * np.asarray(fingerprint["spacings"], dtype=np.float64) / np.asarray(spacing))
     median_shape = np.median(new_shapes, axis=0)
     n_voxels_dataset = float(np.prod(median_shape)) * int(fingerprint["n_cases"])
-    dims = data_dims if spatial_dims is None else int(spatial_dims)
-    slice_axis = None
-    if dims not in (2, 3) or dims > data_dims:
-        raise ValueError(f"spatial_dims must be 2 or 3 and at most the data's {data_dims}, got {spatial_dims}.")
-    if dims < data_dims:
-        slice_axis = int(len(spacing) - 1 - int(np.argmax(spacing[::-1])))
-        reasons.append(f"2D plan on 3D data: slices along axis {slice_axis} (the coarsest spacing)")
-        keep = [a for a in range(data_dims) if a != slice_axis]
-        spacing = [spacing[a] for a in keep]
-        median_shape = median_shape[keep]
     median_shape = np.maximum(median_shape, 1)
 
     tmp = 1.0 / np.asarray(spacing)
@@ -723,36 +917,27 @@ def plan_experiment(
             for c, (m, s) in enumerate(zip(modalities, schemes))
         )
     )
-    n_out = topo["num_stages"] - 1
-    ds = [1.0 / 2**i for i in range(n_out)]
-    if n_out > 1:
-        ds[-1] = 0.0
-    ds = [w / sum(ds) for w in ds] if n_out else []
-    num_regions = region_grid(patch)
-
-    plan = {
-        "spatial_dims": dims,
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "pixdim": [round(s, 6) for s in spacing],
-        "patch_size": [int(p) for p in patch],
-        "batch_size": int(batch_size),
-        "features": features,
-        "strides": topo["strides"],
-        "kernel_sizes": topo["kernel_sizes"],
-        "block_types": topo["block_types"],
-        "hgcn_orders": topo["hgcn_orders"],
-        "num_regions": num_regions,
-        "intensity_schemes": schemes,
-        "intensity_stats": stats,
-        "ds_weights": [round(w, 6) for w in ds],
-        "plan_info": {
+    return Plan(
+        spatial_dims=dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        pixdim=[round(s, 6) for s in spacing],
+        patch_size=[int(p) for p in patch],
+        batch_size=int(batch_size),
+        features=features,
+        strides=topo["strides"],
+        kernel_sizes=topo["kernel_sizes"],
+        block_types=topo["block_types"],
+        hgcn_orders=topo["hgcn_orders"],
+        num_regions=region_grid(patch),
+        intensity_schemes=schemes,
+        intensity_stats=stats,
+        plan_info={
             "device": device,
             "memory_budget_gb": budget,
             "estimated_memory_gb": round(est["total"], 3),
             "pool_per_axis": topo["pool_per_axis"],
             "num_stages": topo["num_stages"],
-            "slice_axis": slice_axis,
             "median_shape_at_target_spacing": [int(v) for v in median_shape],
             "fingerprint": {
                 "n_cases": int(fingerprint["n_cases"]),
@@ -766,8 +951,7 @@ def plan_experiment(
             },
             "reasons": reasons,
         },
-    }
-    return _to_builtin(plan)
+    )
 
 
 def _to_builtin(obj: Any) -> Any:

@@ -4,11 +4,10 @@
 A 3D network at full resolution allocates feature maps of tens of megabytes (``32 x 64^3`` float32 is 32 MiB).
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns
 it to the system on ``free``, so each such tensor costs one page fault per 4 KiB page every time it is allocated,
-in every layer, in every step. On the 2-core machine of ``docs/benchmarks`` that made up about a fifth of the
-MambaClinix forward time and a quarter of a training step. :func:`reuse_freed_cpu_memory` asks glibc to serve
-large blocks from its heap and to keep freed memory for the next allocation instead. The results are unchanged;
-the price is that the process keeps its peak memory (and some fragmentation on top, about 10-20% in our training
-step) until it exits.
+in every layer, in every step: a noticeable share of a CPU forward pass and training step (figures in
+``docs/benchmarks/``). :func:`reuse_freed_cpu_memory` asks glibc to serve large blocks from its heap and to keep
+freed memory for the next allocation instead. The results are unchanged; the price is that the process keeps its
+peak memory (plus some fragmentation) until it exits.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """Transforms of the bundle's pipelines: per-channel intensity normalisation, deep-supervision output
-selection, and an atomic segmentation writer."""
+selection, the segmentation writer of every workflow, and the parts of nnU-Net's augmentation MONAI lacks."""
 
 from __future__ import annotations
 
@@ -8,20 +8,21 @@ import logging
 import math
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
+from monai.config import DtypeLike, KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
 from monai.transforms import Affine, Flip, MapTransform, RandAdjustContrast, Randomizable, RandomizableTransform, SaveImaged
 from monai.utils import ensure_tuple_rep
 from monai.utils.misc import MAX_SEED
 
+from .hunet.report import lesion_report
 from .image_guard import InputError
-from .io_utils import save_nifti_atomic
+from .io_utils import atomic_write_json, safe_stem, save_nifti_atomic
 
 __all__ = [
     "NormalizeChannelsd",
@@ -135,18 +136,39 @@ class NormalizeChannelsd(MapTransform):
 
 
 class AtomicSaveSegmentationd(SaveImaged):
-    """Save a label map as NIfTI next to nothing half-written: the file is written under a temporary name in
-    the output folder and renamed when complete.
+    """Save a label map as NIfTI in its own geometry, atomically, optionally with a lesion report beside it.
 
-    Subclasses :class:`monai.transforms.SaveImaged` (so MONAI Label's post-transform filter recognises and drops
-    it); the file is ``<output_dir>/<input name>_<output_postfix>.nii.gz`` with the data's affine.
+    The file is ``<output_dir>/<stem>_<output_postfix>.nii.gz`` (``<stem>.nii.gz`` when the postfix is empty),
+    where ``<stem>`` is :func:`scripts.io_utils.safe_stem` of the case's ``filename_or_obj``, read from the
+    ``meta_key`` entry's meta data, else from the label map's own (``"case"`` when neither has one). It is
+    written under a temporary name in the output folder and renamed when complete
+    (:func:`scripts.io_utils.save_nifti_atomic`), with the label map's affine as it is (permuted and oblique
+    axes too; a 2D affine is lifted to 3D; a plain tensor gets the identity). The label map is channel-first:
+    one channel is dropped, several are stored along NIfTI's 4th axis. Integer output types get the values
+    rounded and clipped to the type's range (class indices from ``AsDiscreted``, float-typed, are stored
+    exactly). A 2D image the lesion workflow lifted to a one-slice volume
+    (:class:`scripts.hunet.transforms.EnsureVolumed`) is saved as that ``(H, W, 1)`` volume.
+
+    With ``report=True`` the label map's foreground is described by
+    :func:`scripts.hunet.report.lesion_report` (spacing from the affine) in ``<stem>_<output_postfix>_report.json``.
+    The paths are stored in the data under ``<key>_path`` and ``<key>_report_path``.
+
+    Subclasses :class:`monai.transforms.SaveImaged`, so MONAI Label's post-transform filter recognises and drops
+    it (MONAI Label writes its own result).
 
     Args:
         keys: keys of the label maps to save.
         output_dir: output folder (created when missing).
         output_postfix: postfix of the output file name.
         output_dtype: data type of the saved array.
-        meta_key_postfix: kept for SaveImaged compatibility.
+        meta_key: key whose meta data names the case (e.g. the image); the label map's own meta data when the
+            key is absent, has no meta data or is ``None``.
+        report: write a lesion report beside each file.
+        connectivity: neighbourhood of the report's lesion components (1, 2 or 3: 6-, 18-, 26-connected in 3D).
+        allow_missing_keys: don't raise if a key is missing.
+
+    Raises:
+        ValueError: for a connectivity other than 1, 2 or 3.
     """
 
     def __init__(
@@ -154,36 +176,57 @@ class AtomicSaveSegmentationd(SaveImaged):
         keys: KeysCollection,
         output_dir: str | os.PathLike = "./",
         output_postfix: str = "seg",
-        output_dtype=np.uint8,
+        output_dtype: DtypeLike = np.uint8,
+        meta_key: str | None = "image",
+        report: bool = False,
+        connectivity: int = 3,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, output_dir=output_dir, output_postfix=output_postfix, output_dtype=output_dtype,
                          allow_missing_keys=allow_missing_keys)
+        if connectivity not in (1, 2, 3):
+            raise ValueError(f"connectivity must be 1, 2 or 3, got {connectivity}.")
         self.out_dir = Path(output_dir)
         self.postfix = output_postfix
-        self.dtype = output_dtype
+        self.dtype = np.dtype(output_dtype)
+        self.meta_key = meta_key
+        self.report = report
+        self.connectivity = connectivity
+
+    def _case_name(self, data: Mapping[Hashable, object], label: object) -> str:
+        sources = [data.get(self.meta_key)] if self.meta_key is not None else []
+        for src in [*sources, label]:
+            name = (getattr(src, "meta", None) or {}).get("filename_or_obj")
+            if name:
+                return str(name)
+        return ""
+
+    def _array(self, label: torch.Tensor) -> np.ndarray:
+        arr = np.asarray(torch.as_tensor(label).detach().cpu())
+        if np.issubdtype(self.dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            arr = np.rint(arr).clip(info.min, info.max)
+        arr = np.moveaxis(arr.astype(self.dtype), 0, -1)  # channel first -> last
+        return arr[..., 0] if arr.shape[-1] == 1 else arr
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = d[key]
-            meta = img.meta if isinstance(img, MetaTensor) else {}
-            src = Path(str(meta.get("filename_or_obj", "case")))
-            stem = src.name
-            for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
-                if stem.endswith(ext):
-                    stem = stem[: -len(ext)]
-                    break
-            final = self.out_dir / f"{stem}_{self.postfix}.nii.gz"
-            arr = np.asarray(torch.as_tensor(img).detach().cpu()).astype(self.dtype)
-            if arr.ndim == 4 or arr.shape[0] == 1:  # channel first -> last; a single channel dropped
-                arr = np.moveaxis(arr, 0, -1)
-                arr = arr[..., 0] if arr.shape[-1] == 1 else arr
-            affine = np.asarray(img.affine, dtype=np.float64) if isinstance(img, MetaTensor) else np.eye(4)
-            # the affine as it is, permuted axes included (MONAI's NibabelWriter fails on permuted affines)
-            save_nifti_atomic(arr, to_affine_nd(3, affine), final)
-            logger.info("saved %s", final)
-            d[f"{key}_path"] = str(final)
+            label = d[key]
+            name = self._case_name(d, label)
+            stem = safe_stem(name) + (f"_{self.postfix}" if self.postfix else "")
+            affine = np.asarray(label.affine, dtype=np.float64) if isinstance(label, MetaTensor) else np.eye(4)
+            affine = to_affine_nd(3, affine)
+            mask = self._array(label)
+            out = save_nifti_atomic(mask, affine, self.out_dir / f"{stem}.nii.gz")
+            d[f"{key}_path"] = str(out)
+            logger.info("saved %s", out)
+            if self.report:
+                spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+                rep = lesion_report(mask, spacing[: mask.ndim], connectivity=self.connectivity)
+                rep["source"] = Path(name).name
+                rep["mask_file"] = out.name
+                d[f"{key}_report_path"] = str(atomic_write_json(rep, self.out_dir / f"{stem}_report.json"))
         return d
 
 

@@ -13,7 +13,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .io_utils import atomic_path
+from .io_utils import atomic_path, safe_stem
 
 __all__ = ["save_overlay", "SaveOverlayd"]
 
@@ -69,7 +69,8 @@ class SaveOverlayd(MapTransform):
     Args:
         keys: key of the label map (class indices, channel-first with one channel, or one-hot).
         image_key: key of the image (first channel is drawn).
-        output_dir: folder of the PNG files ``<case>_overlay.png``.
+        output_dir: folder of the PNG files ``<stem>_overlay.png`` (:func:`scripts.io_utils.safe_stem` of the
+            image's file name).
         num_slices: number of slices drawn.
     """
 
@@ -87,7 +88,7 @@ class SaveOverlayd(MapTransform):
             label = pred.argmax(0) if pred.shape[0] > 1 else pred[0]
             img = torch.as_tensor(d[self.image_key]).detach().cpu()[0]
             meta = getattr(d[self.image_key], "meta", {}) or {}
-            name = Path(str(meta.get("filename_or_obj", "case"))).name.split(".")[0]
+            name = safe_stem(meta.get("filename_or_obj") or "case")
             path = save_overlay(img.numpy(), label.numpy().astype(np.int64), self.output_dir / f"{name}_overlay.png",
                                 self.num_slices, title=name)
             logger.info("saved %s", path)

@@ -1,10 +1,14 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Smoke test of scripts/benchmark.py on a toy size (the benchmark itself is run with ``python -m scripts.benchmark``)."""
+"""Smoke tests of the :mod:`scripts.benchmark` package on toy sizes (the benchmarks themselves are run with
+``python -m scripts.benchmark``, ``python -m scripts.benchmark.allocator`` and ``python -m scripts.benchmark.scan``)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import pkgutil
+import shutil
 import tempfile
 import unittest
 from unittest import mock
@@ -12,16 +16,71 @@ from unittest import mock
 import torch
 from parameterized import parameterized
 
-from scripts import bench_allocator
-from scripts.benchmark import (
-    build_model,
-    count_flops,
-    fit_exponent,
-    peak_tensor_mib,
-    run_benchmark,
-    size_divisor,
-    write_outputs,
-)
+import scripts.benchmark
+from scripts.benchmark import allocator
+from scripts.benchmark.models import build_model, size_divisor
+from scripts.benchmark.probes import count_flops, peak_tensor_mib
+from scripts.benchmark.report import write_outputs
+from scripts.benchmark.runners import fit_exponent, run_benchmark
+
+
+def private_imports(package_dir: str, package: str = "scripts.benchmark") -> list[str]:
+    """``file:line name`` of every private name (``_x``, not dunder) that a module under ``package_dir`` takes from
+    another bundle module: ``from scripts.x import _y``, ``from .x import _y``, or ``m._y`` where ``m`` is a bundle
+    module imported by ``import scripts.x as m`` / ``from scripts.benchmark import m``."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+    found = []
+    for root, _, files in os.walk(package_dir):
+        for fname in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, fname)
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            where = os.path.relpath(path, package_dir)
+            modules: set[str] = set()  # local names bound to bundle modules
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("scripts")):
+                    for alias in node.names:
+                        if private(alias.name):
+                            found.append(f"{where}:{node.lineno} {alias.name}")
+                        elif node.module in ("scripts", package) or node.level > 0 and node.module is None:
+                            modules.add(alias.asname or alias.name)
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        if alias.name.startswith("scripts.") and alias.asname:
+                            modules.add(alias.asname)
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Attribute) and private(node.attr) and isinstance(node.value, ast.Name)
+                        and node.value.id in modules):
+                    found.append(f"{where}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+class TestPackageLayout(unittest.TestCase):
+    def test_no_private_imports_between_modules(self):
+        self.assertEqual(private_imports(scripts.benchmark.__path__[0]), [])
+
+    def test_every_module_imports(self):
+        for info in pkgutil.iter_modules(scripts.benchmark.__path__, "scripts.benchmark."):
+            __import__(info.name)
+
+    @parameterized.expand([
+        ("from scripts.benchmark.probes import _scan_flops_hooks\n", "_scan_flops_hooks"),
+        ("from .report import _fmt\n", "_fmt"),
+        ("from scripts.benchmark import report\nreport._readme({}, '', [], '')\n", "report._readme"),
+        ("import scripts.benchmark.workload as wl\nwl._x\n", "wl._x"),
+    ])
+    def test_private_import_is_caught(self, line, name):
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = os.path.join(tmp, "benchmark")
+            shutil.copytree(scripts.benchmark.__path__[0], copy, ignore=shutil.ignore_patterns("__pycache__"))
+            with open(os.path.join(copy, "cli.py"), "a") as f:
+                f.write(line)
+            found = private_imports(copy)
+        self.assertEqual(len(found), 1, found)
+        self.assertTrue(found[0].startswith("cli.py:") and found[0].endswith(" " + name), found)
 
 
 class TestBenchmark(unittest.TestCase):
@@ -67,7 +126,7 @@ class TestBenchmark(unittest.TestCase):
                 text = f.read()
             self.assertIn("| mambaclinix_demo |", text)
             self.assertIn(result["machine"]["torch"], text)
-            self.assertEqual([f for f in os.listdir(tmp) if f.startswith(".tmp_")], [])
+            self.assertEqual([f for f in os.listdir(tmp) if f.startswith(".")], [])  # no temporary file left
 
     def test_peak_tensor_mib_counts_allocations_and_frees(self):
         mib = 2**20 // 4  # float32 elements in one MiB
@@ -140,16 +199,16 @@ class TestBenchAllocator(unittest.TestCase):
                        {"error": "subprocess failed"}],
             "reuse": [{"forward_s": 1.0, "train_peak_rss_mib": 220.0}],
         }
-        out = bench_allocator.summarize(runs)
+        out = allocator.summarize(runs)
         self.assertEqual(out["system"], {"forward_s": 3.0, "train_peak_rss_mib": 200.0})  # medians, errors left out
         self.assertAlmostEqual(out["ratio_reuse_to_system"]["forward_s"], 1.0 / 3.0)
         self.assertAlmostEqual(out["ratio_reuse_to_system"]["train_peak_rss_mib"], 1.1)
-        self.assertNotIn("ratio_reuse_to_system", bench_allocator.summarize({"system": runs["system"], "reuse": []}))
+        self.assertNotIn("ratio_reuse_to_system", allocator.summarize({"system": runs["system"], "reuse": []}))
 
     def test_run_and_write(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "allocator.json")
-            result = bench_allocator.main(
+            result = allocator.main(
                 ["--models", "mambaclinix_demo", "--size", "32", "--train-batch", "1", "--repeats", "1",
                  "--rounds", "1", "--threads", "1", "--json", path]
             )
@@ -167,7 +226,7 @@ class TestBenchAllocator(unittest.TestCase):
     @parameterized.expand([(["--models", "nosuchnet"],), (["--rounds", "0"],), (["--size", "0"],)])
     def test_bad_arguments(self, argv):
         with self.assertRaises(ValueError):
-            bench_allocator.main(argv)
+            allocator.main(argv)
 
 
 if __name__ == "__main__":

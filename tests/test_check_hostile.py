@@ -1,5 +1,5 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""scripts.check_hostile: the hostile-input suite in-process (bundle) and against a lesion service it starts."""
+"""scripts.checks.hostile: the hostile-input suite in-process (bundle) and against a lesion service it starts."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from unittest import mock
 
 from monai.utils import optional_import
 
-from scripts import check_hostile
-from scripts.check_hostile import CASES, main
+from scripts.checks import hostile
+from scripts.checks.hostile import CASES, main
 from tests.utils import ROOT, env_with_root
 
 httpx, has_httpx = optional_import("httpx")
@@ -45,7 +45,7 @@ class TestBundleTarget(unittest.TestCase):
     def test_failure_exits_non_zero(self):
         cases = [dataclasses.replace(c, expect={**c.expect, "bundle": (200,)}) if c.name == "nan_image" else c
                  for c in CASES if c.name in ("nan_image", "empty_file")]
-        with mock.patch.object(check_hostile, "CASES", cases):
+        with mock.patch.object(hostile, "CASES", cases):
             self.assertEqual(main(["--target", "bundle", "--bomb_mb", "1"]), 1)
 
     def test_ill_arguments(self):

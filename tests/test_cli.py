@@ -124,6 +124,21 @@ class TestBundleCommandsOnBadData(unittest.TestCase):
         self.assertNotIn("Traceback (most recent call last)", result.stderr)
         self.assertFalse((folder / "plan.yaml").exists())
 
+    def test_planner_2d_plan_of_3d_data(self):
+        """A 2D plan of 3D volumes would not fit the configs: one line saying what to do instead."""
+        folder = self.tmp / "plan2d"
+        datalist = write_dataset(folder, n_train=1, n_val=0, n_test=0)
+        result = subprocess.run([sys.executable, "-m", "scripts.plan", "--datalist", str(datalist), "--dataset_dir",
+                                 str(folder), "--output", str(folder / "plan.yaml"), "--cpu", "--spatial_dims", "2"],
+                                cwd=ROOT, env=env_with_root(), capture_output=True, text=True, timeout=600)
+        self.assertEqual(result.returncode, 1, result.stderr[-3000:])
+        last = result.stderr.strip().splitlines()[-1]
+        self.assertTrue(last.startswith("ERROR: spatial_dims=2 for 3D data"), result.stderr[-3000:])
+        self.assertIn("omit --spatial_dims", last)
+        self.assertIn("configs/hunet_train.yaml", last)
+        self.assertNotIn("Traceback (most recent call last)", result.stderr)
+        self.assertFalse((folder / "plan.yaml").exists())
+
     def test_debug_keeps_the_traceback(self):
         folder, datalist, bad_file = self._dataset("debug", "training", "missing")
         result = self._run("training", TRAIN, folder, datalist, "--debug", "True")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import tempfile
 import unittest
@@ -17,11 +18,11 @@ import torch
 from monai.data import MetaTensor
 from parameterized import parameterized
 
-from scripts.check_hostile import _nifti_header, address_space_cap
+from scripts.checks.hostile import _nifti_header, address_space_cap
 from scripts.data import DataError, check_case, load_datalist, validate_datalist
 from scripts.image_guard import ImageTooLargeError, InputError
 from scripts.inferers import MirroringSlidingWindowInferer
-from scripts.io_utils import atomic_path, atomic_torch_save
+from scripts.io_utils import atomic_path, atomic_torch_save, atomic_write_json
 from scripts.transforms import AtomicSaveSegmentationd, NormalizeChannelsd, SelectFullResolutiond
 from tests.utils import make_case
 
@@ -139,6 +140,41 @@ class TestDatalistChecks(unittest.TestCase):
         self.assertEqual(items[0]["image"], str(self.tmp / "img.nii.gz"))
         self.assertEqual(load_datalist(path, self.tmp, "test"), [])
 
+    def test_load_datalist_mapping_and_plain_test_paths(self):
+        content = {"training": [{"image": ["a.nii.gz", "/abs/b.nii.gz"], "label": "l.nii.gz", "id": 7}],
+                   "test": ["c.nii.gz"]}
+        items = load_datalist(content, self.tmp, "training")
+        self.assertEqual(items, [{"image": [str(self.tmp / "a.nii.gz"), "/abs/b.nii.gz"],
+                                  "label": str(self.tmp / "l.nii.gz"), "id": 7}])
+        self.assertEqual(load_datalist(content, self.tmp, "test"), [{"image": str(self.tmp / "c.nii.gz")}])
+        with self.assertRaisesRegex(DataError, "case 0 of 'validation'"):
+            load_datalist({"validation": [3]}, self.tmp, "validation")
+
+    @parameterized.expand([("read", True), ("headers", False)])
+    def test_one_check_two_depths(self, _, read):
+        """The planner checks headers only (read=False); both depths find missing labels, other grids and channel
+        counts that differ between cases."""
+        good = {"image": self.image, "label": self.label}
+        self.assertEqual(validate_datalist([good, good], None, None, read=read), [good, good])
+        second = self._save("img2.nii.gz", np.ones((10, 9, 8), np.float32))
+        small = self._save("small.nii.gz", np.zeros((5, 9, 8), np.float32))
+        for items, fragment in [
+            ([good, {"image": [self.image, second], "label": self.label}], "inconsistent channel counts"),
+            ([{"image": self.image}], "no 'label' entry"),
+            ([{"image": [self.image, small], "label": self.label}], "different spatial shapes"),
+            ([{"image": self.image, "label": small}], "small.nii.gz has shape (5, 9, 8)"),
+        ]:
+            with self.subTest(fragment), self.assertRaisesRegex(DataError, fragment.replace("(", r"\(").replace(")", r"\)")):
+                validate_datalist(items, None, None, require_label=True, read=read)
+
+    def test_configs_check_their_datalists(self):
+        """Every config that loads a datalist goes through scripts.data (the one check), never MONAI's loader."""
+        from tests.utils import ROOT
+
+        for config in sorted((ROOT / "configs").glob("*.yaml")):
+            with self.subTest(config.name):
+                self.assertNotIn("load_decathlon_datalist", config.read_text())
+
 
 class TestNormalizeChannels(unittest.TestCase):
     def test_ct_and_zscore_per_channel(self):
@@ -218,6 +254,17 @@ class TestAtomicOutputs(unittest.TestCase):
                     raise RuntimeError("interrupted")
             self.assertEqual(torch.load(path, weights_only=True)["a"].tolist(), [1.0, 1.0])
             self.assertEqual(sorted(os.listdir(tmp)), ["model.pt"])
+
+    def test_json_strict(self):
+        """NaN and infinities are written as null; NumPy / torch numbers and arrays as numbers and lists."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = atomic_write_json({"a": float("nan"), "b": [np.float32(0.5), -math.inf], "c": np.arange(2),
+                                      "d": torch.tensor(3), 4: (True, None)}, Path(tmp) / "x.json")
+            self.assertEqual(json.loads(path.read_text()), {"a": None, "b": [0.5, None], "c": [0, 1], "d": 3,
+                                                            "4": [True, None]})
+            with self.assertRaisesRegex(ValueError, "type .object. as JSON"):
+                atomic_write_json({"a": object()}, path)
+            self.assertEqual(sorted(os.listdir(tmp)), ["x.json"])
 
     @parameterized.expand([
         ("diagonal", np.diag([0.8, 0.8, 2.5, 1.0])),

@@ -123,6 +123,18 @@ class TestSS2D(unittest.TestCase):
         with torch.no_grad():
             torch.testing.assert_close(blk(x), x + blk.mixer(blk.norm(x)))
 
+    def test_initialisation(self):
+        """Time steps, A and D initialised as in Mamba (scripts.networks.initialization), one set per direction."""
+        m = SS2D(24, d_state=5, dt_rank=3, dt_min=0.01, dt_max=0.05, dt_init_floor=0.02)
+        dt = F.softplus(m.dt_projs_bias.detach())
+        self.assertEqual(tuple(dt.shape), (4, m.d_inner))
+        self.assertGreaterEqual(dt.min().item(), 0.02 * (1 - 1e-4))  # the floor
+        self.assertLessEqual(dt.max().item(), 0.05 * (1 + 1e-4))
+        self.assertLessEqual(m.dt_projs_weight.abs().max().item(), 3**-0.5)
+        torch.testing.assert_close(m.A_logs.detach(), torch.log(torch.arange(1.0, 6.0)).repeat(4 * m.d_inner, 1))
+        torch.testing.assert_close(m.Ds.detach(), torch.ones(4 * m.d_inner))
+        self.assertTrue(m.A_logs._no_weight_decay and m.Ds._no_weight_decay and m.dt_projs_bias._no_reinit)
+
     @parameterized.expand(
         [[{"d_model": 0}], [{"d_model": 4, "d_conv": 2}], [{"d_model": 4, "dt_min": 0.2, "dt_max": 0.1}]]
     )

@@ -1,5 +1,6 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Tests of the lesion report, per-case metrics and 2D transforms of the Mamba-HUNet workflow."""
+"""Tests of the lesion report, per-case metrics and 2D transforms of the Mamba-HUNet workflow, and of the mask saver
+and metrics writer as the workflow configures them."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import torch
 from monai.data import MetaTensor
 from parameterized import parameterized
 
-from scripts.hunet.report import case_metrics, lesion_report
-from scripts.hunet.transforms import EnsureVolumed, SaveMaskd, UnsharpMask, safe_stem
+from scripts.handlers import MetricsJSONWriter
+from scripts.hunet.report import METRICS, case_metrics, lesion_report
+from scripts.hunet.transforms import EnsureVolumed, UnsharpMask
+from scripts.io_utils import safe_stem
+from scripts.transforms import AtomicSaveSegmentationd
 
 
 def two_lesions() -> np.ndarray:
@@ -140,18 +144,71 @@ class TestTransforms(unittest.TestCase):
         pred = MetaTensor(torch.from_numpy(two_lesions()[None].astype(np.float32)), affine=torch.as_tensor(aff))
         image = MetaTensor(torch.zeros(1, 10, 10, 6), meta={"filename_or_obj": "/x/../my scan.nrrd"})
         with tempfile.TemporaryDirectory() as tmp:
-            d = SaveMaskd("pred", output_dir=tmp)({"pred": pred, "image": image})
-            self.assertEqual(Path(d["pred_file"]).name, "my_scan_seg.nii.gz")
-            out = nib.load(d["pred_file"])
+            d = AtomicSaveSegmentationd("pred", output_dir=tmp, report=True)({"pred": pred, "image": image})
+            self.assertEqual(Path(d["pred_path"]).name, "my_scan_seg.nii.gz")
+            out = nib.load(d["pred_path"])
             self.assertEqual(out.get_data_dtype(), np.uint8)
             np.testing.assert_allclose(out.affine, aff, atol=1e-6)
             np.testing.assert_array_equal(np.asarray(out.dataobj), two_lesions())
-            rep = json.loads(Path(d["pred_report_file"]).read_text())
+            rep = json.loads(Path(d["pred_report_path"]).read_text())
             self.assertEqual(rep["num_lesions"], 2)
             self.assertAlmostEqual(rep["total_volume_ml"], 15 * 0.8 * 0.9 * 2.5 / 1000)
             self.assertEqual(
                 sorted(p.name for p in Path(tmp).iterdir()), ["my_scan_seg.nii.gz", "my_scan_seg_report.json"]
             )
+
+    def test_save_one_slice_volume(self):
+        """A PNG slice lifted to a one-slice volume (EnsureVolumed) is saved as that (H, W, 1) volume."""
+        image = MetaTensor(torch.zeros(1, 5, 4), affine=torch.tensor([[2.0, 0, 7.0], [0, 3.0, 8.0], [0, 0, 1]]),
+                           meta={"filename_or_obj": "/up/slice.png"})
+        image = EnsureVolumed("image")({"image": image})["image"]
+        pred = MetaTensor(torch.ones(1, 5, 4, 1) * 0.9999, affine=image.affine)  # float class indices
+        with tempfile.TemporaryDirectory() as tmp:
+            d = AtomicSaveSegmentationd("pred", output_dir=tmp, output_postfix="", report=True)({"pred": pred,
+                                                                                                  "image": image})
+            out = nib.load(d["pred_path"])
+            self.assertEqual(Path(d["pred_path"]).name, "slice.nii.gz")
+            self.assertEqual(out.shape, (5, 4, 1))
+            self.assertEqual(int(np.asarray(out.dataobj).min()), 1)  # rounded, not truncated
+            np.testing.assert_allclose(out.affine, image.affine.numpy(), atol=1e-6)
+            self.assertEqual(json.loads(Path(d["pred_report_path"]).read_text())["num_lesions"], 1)
+
+
+class TestCaseMetricsWriter(unittest.TestCase):
+    """MetricsJSONWriter with the lesion workflow's per-case metrics (configs/hunet_evaluate.yaml)."""
+
+    def test_rows_summary_csv(self):
+        from ignite.engine import Engine
+
+        aff = torch.as_tensor(np.diag([2.0, 1.0, 1.0, 1.0]))
+        label = np.zeros((1, 8, 8, 4), np.float32)
+        label[0, 2:5, 2:5, 1:3] = 1
+        pred = label.copy()
+        pred[0, 5, 2:5, 1:3] = 1  # one layer too many
+        cases = [
+            {"pred": MetaTensor(torch.from_numpy(pred), affine=aff), "label": MetaTensor(torch.from_numpy(label),
+             affine=aff), "image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": "/d/a.nii.gz"})},
+            {"pred": MetaTensor(torch.zeros(1, 8, 8, 4), affine=aff), "label": MetaTensor(torch.from_numpy(label),
+             affine=aff), "image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": "/d/b.nii.gz"})},
+        ]
+        engine = Engine(lambda e, batch: [batch])
+        with tempfile.TemporaryDirectory() as tmp:
+            MetricsJSONWriter(Path(tmp) / "metrics.json", csv_path=Path(tmp) / "metrics.csv", case_metrics=case_metrics,
+                              metrics=list(METRICS), extra={"hd95_unit": "mm"}).attach(engine)
+            engine.run(cases, max_epochs=1)
+            result = json.loads((Path(tmp) / "metrics.json").read_text())
+            csv_text = (Path(tmp) / "metrics.csv").read_text()
+        self.assertEqual(list(result)[:3], ["hd95_unit", "cases", "summary"])
+        self.assertEqual([r["case"] for r in result["cases"]], ["a.nii.gz", "b.nii.gz"])
+        self.assertEqual(result["cases"][0]["image"], "/d/a.nii.gz")
+        self.assertAlmostEqual(result["cases"][0]["hd95"], 2.0)  # one voxel of 2 mm along the first axis
+        self.assertIsNone(result["cases"][1]["hd95"])  # empty prediction: NaN, written as null
+        self.assertEqual(set(result["summary"]), set(METRICS))
+        dsc = [r["dsc"] for r in result["cases"]]
+        self.assertAlmostEqual(result["summary"]["dsc"]["mean"], float(np.mean(dsc)))
+        self.assertAlmostEqual(result["summary"]["dsc"]["std"], float(np.std(dsc)))
+        self.assertEqual(result["summary"]["hd95"]["n"], 1)
+        self.assertTrue(csv_text.startswith("case,image,iou,hd95,dsc,sensitivity,specificity,tp,fp,fn,tn"))
 
 
 if __name__ == "__main__":

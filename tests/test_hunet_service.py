@@ -214,8 +214,8 @@ class TestHUNetService(_ServiceCase):
 
 
 def _hostile(tmp: Path, case: str) -> bytes:
-    """The bytes of one of scripts.check_hostile's cases (bombs inflating to 16 MB at most)."""
-    from scripts.check_hostile import CASES
+    """The bytes of one of scripts.checks.hostile's cases (bombs inflating to 16 MB at most)."""
+    from scripts.checks.hostile import CASES
 
     spec = next(c for c in CASES if c.name == case)
     path = tmp / spec.filename
@@ -243,7 +243,7 @@ class TestHostileUploads(_ServiceCase):
         ["nrrd_detached_outside", 422], ["four_channels", 422], ["wrong_magic", 415],
     ])
     def test_refused(self, case, status):
-        from scripts.check_hostile import CASES, address_space_cap
+        from scripts.checks.hostile import CASES, address_space_cap
 
         name = next(c for c in CASES if c.name == case).filename
         content = _hostile(self.tmp, case)

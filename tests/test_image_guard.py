@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from parameterized import parameterized
 
-from scripts.check_hostile import _dicom, _gzip_of, _nifti_header, _nrrd_header, _png, _zip
+from scripts.checks.hostile import _dicom, _gzip_of, _nifti_header, _nrrd_header, _png, _zip
 from scripts.image_guard import (
     DataError,
     ImageLimits,
@@ -232,7 +232,7 @@ MAX_GROWTH_MB = 100.0
 
 def probe(entry: str, paths: list[str]) -> list[dict]:
     """Warm ``entry`` up on a small image, then give it each of ``paths`` and measure how far the peak RSS rises."""
-    from scripts.check_hostile import address_space_cap, peak_rss_growth_mb
+    from scripts.checks.hostile import address_space_cap, peak_rss_growth_mb
 
     tmp = Path(tempfile.mkdtemp())
     warm = _nifti(tmp / "warm.nii.gz", np.random.default_rng(0).random((24, 22, 20)).astype(np.float32) + 1)
@@ -242,7 +242,7 @@ def probe(entry: str, paths: list[str]) -> list[dict]:
         def call(p):
             return validate_datalist([{"image": p}], 1, None, "inference")
     elif entry == "loader":
-        from scripts.label_compat import LoadImageCheckedd
+        from scripts.label.compat import LoadImageCheckedd
 
         loader = LoadImageCheckedd("image", in_channels=1, ensure_channel_first=True, image_only=True)
 

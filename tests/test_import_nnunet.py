@@ -30,6 +30,7 @@ from parameterized import parameterized
 
 from scripts.import_nnunet import main, nnunet_plan
 from scripts.networks import MambaClinix
+from scripts.planning import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "authors_mambaclinix_fixture.pt"
@@ -113,7 +114,7 @@ class TestImportNnunet(unittest.TestCase):
         self.tmp = Path(tempfile.mkdtemp())
         self.addCleanup(__import__("shutil").rmtree, self.tmp, True)
 
-    def _import(self, checkpoint, plans, dataset, configuration="3d_fullres") -> tuple[dict, list[str]]:
+    def _import(self, checkpoint, plans, dataset, configuration="3d_fullres") -> tuple[Plan, list[str]]:
         torch.save(checkpoint, self.tmp / "checkpoint_final.pth")
         (self.tmp / "nnUNetPlans.json").write_text(json.dumps(plans))
         (self.tmp / "dataset.json").write_text(json.dumps(dataset))
@@ -130,8 +131,10 @@ class TestImportNnunet(unittest.TestCase):
 
     @parameterized.expand([("authors_plans", False, "3d_fullres"), ("nnunet_2_5_plans", True, "3d_fullres_bs4")])
     def test_writes_weights_and_plan(self, _, new_format, configuration):
-        self._import(*synthetic_set(self.case, new_format), configuration=configuration)
+        written = self._import(*synthetic_set(self.case, new_format), configuration=configuration)[0]
         plan = yaml.safe_load((self.tmp / "out" / "configs" / "plan.yaml").read_text())
+        self.assertEqual(plan, written.to_config())
+        self.assertEqual(Plan.from_config(plan, strict=True), written)
         self.assertEqual(set(plan) - {"batch_size", "plan_info"}, PLAN_KEYS)
         inference = yaml.safe_load((ROOT / "configs" / "inference.yaml").read_text())
         train = yaml.safe_load((ROOT / "configs" / "train.yaml").read_text())
@@ -156,11 +159,11 @@ class TestImportNnunet(unittest.TestCase):
         config = plans["configurations"]["3d_fullres"]
         config["normalization_schemes"], config["use_mask_for_norm"] = ["ZScoreNormalization", "CTNormalization"], [True, False]
         plan, _ = nnunet_plan(checkpoint, plans, dataset)
-        self.assertEqual(plan["intensity_schemes"], ["zscore", "ct"])
-        self.assertEqual(plan["intensity_stats"][0], None)
-        self.assertTrue(plan["intensity_nonzero"])
+        self.assertEqual(plan.intensity_schemes, ["zscore", "ct"])
+        self.assertEqual(plan.intensity_stats[0], None)
+        self.assertTrue(plan.intensity_nonzero)
         config["use_mask_for_norm"] = [False, False]
-        self.assertFalse(nnunet_plan(checkpoint, plans, dataset)[0]["intensity_nonzero"])
+        self.assertFalse(nnunet_plan(checkpoint, plans, dataset)[0].intensity_nonzero)
 
     def test_inference_matches_nnunet_array_and_geometry(self):
         """Our preprocessing feeds the network nnU-Net's array; the segmentation is the authors' network's, in the

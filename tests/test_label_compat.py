@@ -1,9 +1,15 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Unit tests of the MONAI Label compatibility pieces (no MONAI Label needed; seconds)."""
+"""Unit tests of the MONAI Label compatibility pieces and of the served model folder (no MONAI Label needed;
+seconds)."""
 
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import re
+import subprocess
+import sys
 import tempfile
 import unittest
 from unittest import mock
@@ -19,8 +25,17 @@ from monai.transforms import LoadImaged, Spacingd
 from parameterized import parameterized
 
 from scripts.handlers import LatestCheckpoint, MainProcessOnly, loads_checkpoint
-from scripts.label.app import OFFLINE_CONF, copy_bundle, init_model, prepare_app, server_command, set_plan
-from scripts.label_compat import (
+from scripts.label.app import (
+    LABEL_CONFIGS,
+    OFFLINE_CONF,
+    TOOLING,
+    copy_bundle,
+    init_model,
+    prepare_app,
+    server_command,
+    set_plan,
+)
+from scripts.label.compat import (
     InputError,
     LoadImageCheckedd,
     SafeSpacingd,
@@ -86,7 +101,7 @@ class TestLoadImageCheckedd(unittest.TestCase):
         ("small_limit", 413, "limit of 100"),
     ])
     def test_guarded(self, case, status, fragment):
-        from scripts.check_hostile import _nifti_header, address_space_cap
+        from scripts.checks.hostile import _nifti_header, address_space_cap
 
         limits = {"max_voxels": 100} if case == "small_limit" else None
         with tempfile.TemporaryDirectory() as tmp:
@@ -174,8 +189,9 @@ class TestAppHelpers(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             dst = copy_bundle(ROOT, Path(tmp) / "b")
             self.assertTrue((dst / "configs" / "inference.yaml").is_file())
-            self.assertTrue((dst / "scripts" / "label_compat.py").is_file())
+            self.assertTrue((dst / "scripts" / "label" / "compat.py").is_file())
             self.assertFalse(list(dst.rglob("__pycache__")))
+            self.assertEqual(_tooling_in(dst / "scripts"), [])
             set_plan(dst, {"patch_size": [32, 32, 32], "kernel_sizes": [[3, 3, 3]] * 2, "not_a_key": 1})
             for name in ("inference.yaml", "train.yaml"):
                 text = (dst / "configs" / name).read_text()
@@ -198,9 +214,10 @@ class TestAppHelpers(unittest.TestCase):
             (app / "main.py").write_text("")  # an app copied before: no monailabel needed here
             served = prepare_app(app, bundle, "mc")
             self.assertEqual(served, app / "model" / "mc")
-            for sub in ("scripts", "models"):
-                self.assertTrue((served / sub).is_symlink())
-                self.assertEqual((served / sub).resolve(), (bundle / sub).resolve())
+            self.assertTrue((served / "models").is_symlink())  # MONAI Label's training rewrites the bundle's
+            self.assertEqual((served / "models").resolve(), (bundle / "models").resolve())
+            self.assertFalse((served / "scripts").is_symlink())
+            self.assertEqual((served / "scripts" / "losses.py").resolve(), (bundle / "scripts" / "losses.py").resolve())
             self.assertFalse((served / "configs" / "plan.yaml").exists())
             for name in ("inference.yaml", "train.yaml"):
                 config = yaml.safe_load((served / "configs" / name).read_text())
@@ -218,6 +235,113 @@ class TestAppHelpers(unittest.TestCase):
             self.assertEqual(missing, [])
             with self.assertRaises(ValueError):
                 prepare_app(app, bundle, "mc", plan=tmp / "missing.yaml")
+
+
+# tooling that must never be served: the subpackages of scripts.label.app.TOOLING, the benchmark modules beside
+# them and the old names of the demo data, hostile-input and ablation modules
+_TOOLING_NAME = re.compile(r"^(benchmark|bench_\w+|experiments|ablation\w*|demo|demo_data|checks|check_\w+)(\.py)?$")
+_SCRIPTS_REF = re.compile(r"(?<![\w.])scripts(?:\.[A-Za-z_]\w*)+")
+
+
+def _tooling_in(scripts_dir: Path) -> list[str]:
+    """Paths under a served ``scripts/`` folder (links followed) that are tooling."""
+    found = []
+    for folder, dirs, files in os.walk(scripts_dir, followlinks=True):
+        for name in dirs + files:
+            if _TOOLING_NAME.match(name):
+                found.append(str((Path(folder) / name).relative_to(scripts_dir)))
+    return sorted(found)
+
+
+def _config_references(config_dir: Path, names=LABEL_CONFIGS) -> set[str]:
+    """Every dotted ``scripts.xxx`` name in the values of the configs (``$import``, ``_target_``, expressions)."""
+    refs: set[str] = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str):
+            refs.update(_SCRIPTS_REF.findall(value))
+
+    for name in names:
+        walk(yaml.safe_load((config_dir / name).read_text()))
+    return refs
+
+
+# run in a fresh, isolated interpreter (-I: no PYTHONPATH, no working folder on sys.path) with only the served model
+# folder on sys.path: each reference imported (the longest importable module prefix, then attributes)
+_RESOLVE = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+errors = {}
+for ref in json.loads(sys.argv[2]):
+    parts = ref.split(".")
+    for n in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:n]))
+            break
+        except ModuleNotFoundError as e:
+            if n == 1 or not (e.name or "").startswith(".".join(parts[:n])):
+                errors[ref] = repr(e)
+                break
+    else:
+        continue
+    if ref in errors:
+        continue
+    try:
+        for attr in parts[n:]:
+            obj = getattr(obj, attr)
+    except AttributeError as e:
+        errors[ref] = repr(e)
+files = {k: getattr(m, "__file__", None) for k, m in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
+print(json.dumps({"errors": errors, "files": files}))
+"""
+
+
+class TestServedModel(unittest.TestCase):
+    """The model folder MONAI Label serves holds the code the configs import and none of the tooling."""
+
+    def _prepare(self, tmp: Path) -> Path:
+        app = tmp / "app"
+        app.mkdir(exist_ok=True)
+        (app / "main.py").write_text("")  # an app copied before: no monailabel needed here
+        return prepare_app(app, ROOT, "mc", plan=None)
+
+    def test_no_tooling_served(self):
+        self.assertEqual(set(TOOLING), {"benchmark", "experiments", "demo", "checks"})
+        with tempfile.TemporaryDirectory() as tmp:
+            served = self._prepare(Path(tmp))
+            listing = sorted(p.name for p in (served / "scripts").iterdir())
+            self.assertEqual(_tooling_in(served / "scripts"), [], listing)
+            self.assertIn("networks", listing)
+            self.assertIn("label", listing)
+            for name in TOOLING:
+                self.assertTrue((ROOT / "scripts" / name).is_dir(), f"scripts/{name} left the bundle?")
+            # a tooling name missing from the list is served, and caught
+            without = tuple(t for t in TOOLING if t != "benchmark")
+            with mock.patch("scripts.label.app.TOOLING", without):
+                served = self._prepare(Path(tmp))
+            self.assertIn("benchmark", _tooling_in(served / "scripts"))
+
+    def test_config_references_resolve(self):
+        refs = _config_references(ROOT / "configs")
+        self.assertIn("scripts.label.compat.LoadImageCheckedd", refs)
+        self.assertIn("scripts.networks.MambaClinix", refs)
+        with tempfile.TemporaryDirectory() as tmp:
+            served = self._prepare(Path(tmp))
+            out = subprocess.run([sys.executable, "-I", "-c", _RESOLVE, str(served), json.dumps(sorted(refs))],
+                                 cwd=tmp, capture_output=True, text=True, timeout=300)
+            self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        self.assertEqual(result["errors"], {})
+        self.assertIn("scripts.label.compat", result["files"])
+        for module, path in result["files"].items():  # from the served folder only, and no tooling imported
+            self.assertTrue(path is None or Path(path).is_relative_to(served / "scripts"), (module, path))
+            self.assertIsNone(_TOOLING_NAME.match(module.split(".")[1] if "." in module else ""), module)
 
 
 class TestBundleContract(unittest.TestCase):
@@ -239,7 +363,7 @@ class TestBundleContract(unittest.TestCase):
         for key in ("network_def", "preprocessing", "inferer", "postprocessing"):
             self.assertIn(key, infer, key)
         targets = [t["_target_"] for t in infer.get("preprocessing#transforms")]
-        self.assertNotIn("Spacingd", targets, "use scripts.label_compat.SafeSpacingd (monai 1.6 + image_path)")
+        self.assertNotIn("Spacingd", targets, "use scripts.label.compat.SafeSpacingd (monai 1.6 + image_path)")
         meta = ConfigParser.load_config_file(str(ROOT / "configs" / "metadata.json"))
         channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
         self.assertEqual(len(channels), train.get("out_channels"))

@@ -37,7 +37,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.label.hostile import EVIL_ORIGIN, check_label_server
+from scripts.checks.hostile_label import EVIL_ORIGIN, check_label_server
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_VENV = Path(os.environ.get("MAMBACLINIX_LABEL_VENV", ROOT / ".venv-label"))
@@ -74,7 +74,7 @@ def _skip_reason() -> str | None:
         return (f"MONAI Label environment {LABEL_VENV} is missing: create it with `bash scripts/label/setup_env.sh` "
                 "(or run `make test-label`)")
     if not (MNI / "images" / "mni_left.nii.gz").is_file() or not (MNI / "labels" / "mni_left.nii.gz").is_file():
-        return f"MNI demo case missing under {MNI}: fetch it with `python -m scripts.demo_data --output data`"
+        return f"MNI demo case missing under {MNI}: fetch it with `python -m scripts.demo.data --output data`"
     return None
 
 

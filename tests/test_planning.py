@@ -1,5 +1,7 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Tests of the self-configuration: topology (Table 2 of MambaClinix), experiment plan, fingerprint and CLI."""
+"""Tests of the self-configuration: topology (Table 2 of MambaClinix), experiment plan, fingerprint and CLI.
+
+The plan's keys against the configs and the Plan type itself: tests/test_plan_keys.py."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import numpy as np
 import yaml
 from parameterized import parameterized
 
+from scripts.data import DataError
 from scripts.plan import main
 from scripts.planning import (
-    check_datalist, estimate_training_memory_gb, extract_fingerprint, plan_experiment, plan_topology, region_grid,
+    Plan, estimate_training_memory_gb, extract_fingerprint, plan_experiment, plan_topology, region_grid,
 )
 
 H, M = "hgcn", "mamba"
@@ -126,28 +129,26 @@ class TestPlanExperiment(unittest.TestCase):
     def test_brats_table2(self):
         """The BraTS fingerprint at 24 GB (the authors' RTX 4090) gives Table 2's 128^3 patch, batch 2, H,H,H,M,M,M."""
         p = plan_experiment(make_fingerprint(**REFERENCE_FINGERPRINTS["brats"]), gpu_memory_gb=24)
-        self.assertEqual(p["patch_size"], [128, 128, 128])
-        self.assertEqual(p["batch_size"], 2)
-        self.assertEqual(p["block_types"], [H, H, H, M, M, M])
-        self.assertEqual(p["features"], [32, 64, 128, 256, 320, 320])
-        self.assertEqual(p["intensity_schemes"], ["zscore"] * 4)
-        self.assertEqual(p["intensity_stats"], [None] * 4)
-        self.assertEqual(p["num_regions"], [8, 8, 14])  # the authors' RS grid
-        self.assertLessEqual(p["plan_info"]["estimated_memory_gb"], 24)
+        self.assertIsInstance(p, Plan)
+        self.assertEqual(p.patch_size, [128, 128, 128])
+        self.assertEqual(p.batch_size, 2)
+        self.assertEqual(p.block_types, [H, H, H, M, M, M])
+        self.assertEqual(p.features, [32, 64, 128, 256, 320, 320])
+        self.assertEqual(p.intensity_schemes, ["zscore"] * 4)
+        self.assertEqual(p.intensity_stats, [None] * 4)
+        self.assertEqual(p.num_regions, [8, 8, 14])  # the authors' RS grid
+        self.assertLessEqual(p.plan_info["estimated_memory_gb"], 24)
 
     def test_keys_and_values(self):
-        p = plan_experiment(make_fingerprint(**REFERENCE_FINGERPRINTS["abd"]), gpu_memory_gb=8)
+        p = plan_experiment(make_fingerprint(**REFERENCE_FINGERPRINTS["abd"]), gpu_memory_gb=8).to_config()
         keys = ["spatial_dims", "in_channels", "out_channels", "pixdim", "patch_size", "batch_size", "features", "strides",
-                "kernel_sizes", "block_types", "hgcn_orders", "num_regions", "intensity_schemes", "intensity_stats", "ds_weights"]
-        self.assertEqual(list(p)[: len(keys)], keys)
+                "kernel_sizes", "block_types", "hgcn_orders", "num_regions", "intensity_schemes", "intensity_stats",
+                "plan_info"]
+        self.assertEqual(list(p), keys)  # the deep-supervision weights follow from the stages: not a plan key
         self.assertEqual((p["spatial_dims"], p["in_channels"], p["out_channels"]), (3, 1, 14))
         n = len(p["features"])
         self.assertEqual([len(p[k]) for k in ("strides", "kernel_sizes", "block_types")], [n, n, n])
         self.assertEqual(len(p["hgcn_orders"]), math.ceil(n / 2))
-        self.assertEqual(len(p["ds_weights"]), n - 1)
-        self.assertAlmostEqual(sum(p["ds_weights"]), 1.0, places=5)
-        self.assertEqual(p["ds_weights"][-1], 0.0)
-        self.assertTrue(all(a >= b for a, b in zip(p["ds_weights"], p["ds_weights"][1:])))
         self.assertEqual(p["intensity_schemes"], ["ct"])
         self.assertEqual(p["intensity_stats"], [[-50.0, 250.0, 80.0, 40.0]])
         self.assertEqual(p["num_regions"], region_grid(p["patch_size"]))
@@ -166,7 +167,7 @@ class TestPlanExperiment(unittest.TestCase):
         fp = make_fingerprint(**REFERENCE_FINGERPRINTS[name])
         previous = None
         for gb in (3, 4, 6, 8, 11, 16, 24, 32, 48, 80):
-            p = plan_experiment(fp, gpu_memory_gb=gb)
+            p = plan_experiment(fp, gpu_memory_gb=gb).to_config()
             self.assertLessEqual(p["plan_info"]["estimated_memory_gb"], gb)
             if previous is not None:
                 self.assertTrue(all(a >= b for a, b in zip(p["patch_size"], previous["patch_size"])), (gb, p["patch_size"]))
@@ -175,7 +176,7 @@ class TestPlanExperiment(unittest.TestCase):
 
     def test_cpu_and_max_features(self):
         fp = make_fingerprint(**REFERENCE_FINGERPRINTS["brats"])
-        p = plan_experiment(fp, cpu=True, max_features=64)
+        p = plan_experiment(fp, cpu=True, max_features=64).to_config()
         self.assertLessEqual(math.prod(p["patch_size"]), 64**3)
         self.assertEqual(p["batch_size"], 2)
         self.assertEqual(max(p["features"]), 64)
@@ -184,7 +185,7 @@ class TestPlanExperiment(unittest.TestCase):
 
     def test_anisotropic_target_spacing(self):
         fp = make_fingerprint((10.0, 1.5, 1.5), (9, 256, 216), n=50, jitter=0.3)
-        p = plan_experiment(fp, gpu_memory_gb=8)
+        p = plan_experiment(fp, gpu_memory_gb=8).to_config()
         z = [s[0] for s in fp["spacings"]]
         self.assertAlmostEqual(p["pixdim"][0], float(np.percentile(z, 10)), places=4)
         self.assertLess(p["pixdim"][0], float(np.median(z)))
@@ -192,12 +193,17 @@ class TestPlanExperiment(unittest.TestCase):
 
     def test_2d(self):
         p = plan_experiment(make_fingerprint((1.0, 1.0), (512, 512), n=200), gpu_memory_gb=8)
-        self.assertEqual((p["spatial_dims"], len(p["patch_size"]), p["strides"][0]), (2, 2, [1, 1]))
-        p = plan_experiment(make_fingerprint((3.0, 0.8, 0.8), (60, 512, 512)), gpu_memory_gb=8, spatial_dims=2)
-        self.assertEqual((p["spatial_dims"], p["pixdim"], p["plan_info"]["slice_axis"]), (2, [0.8, 0.8], 0))
-        self.assertLessEqual(max(p["features"]), 512)
-        self.assertEqual(p["num_regions"], region_grid(p["patch_size"]))
-        self.assertEqual(len(p["num_regions"]), 2)
+        self.assertEqual((p.spatial_dims, len(p.patch_size), p.strides[0]), (2, 2, [1, 1]))
+        self.assertLessEqual(max(p.features), 512)
+        self.assertEqual(p.num_regions, region_grid(p.patch_size))
+        self.assertEqual(len(p.num_regions), 2)
+
+    @parameterized.expand([((3.0, 0.8, 0.8), (60, 512, 512), 2, "lesion workflow"), ((1.0, 1.0), (512, 512), 3, "2D data")])
+    def test_other_dims_than_the_data(self, spacing, shape, dims, fragment):
+        """A plan of another dimensionality than the data would not fit the configs: refused, saying what to do."""
+        with self.assertRaisesRegex(ValueError, f"spatial_dims={dims}.*omit --spatial_dims") as ctx:
+            plan_experiment(make_fingerprint(spacing, shape), gpu_memory_gb=8, spatial_dims=dims)
+        self.assertIn(fragment, str(ctx.exception))
 
     def test_bad_budgets(self):
         fp = make_fingerprint(**REFERENCE_FINGERPRINTS["brats"])
@@ -249,6 +255,7 @@ class TestFingerprintAndCLI(unittest.TestCase):
         cls._tmp = tempfile.TemporaryDirectory()
         cls.root = cls._tmp.name
         cls.cases = [write_case(cls.root, f"case{i}", channels=2, seed=i) for i in range(3)]
+        write_case(cls.root, "other_grid", shape=(30, 32, 24))  # not in the datalist
         cls.datalist = os.path.join(cls.root, "datalist.json")
         with open(cls.datalist, "w") as f:
             json.dump({"modality": {"0": "CT", "1": "MR"}, "training": cls.cases, "validation": [], "test": []}, f)
@@ -263,7 +270,8 @@ class TestFingerprintAndCLI(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.dirname(out)), ["plan.yaml"])  # atomic write leaves no temporary file
         with open(out) as f:
             loaded = yaml.safe_load(f)
-        self.assertEqual(loaded, plan)
+        self.assertEqual(loaded, plan.to_config())
+        self.assertEqual(Plan.from_config(loaded, strict=True), plan)
         self.assertEqual((loaded["in_channels"], loaded["out_channels"], loaded["spatial_dims"]), (2, 3, 3))
         self.assertEqual(loaded["pixdim"], [1.0, 1.0, 2.5])
         self.assertEqual(loaded["intensity_schemes"], ["ct", "zscore"])
@@ -283,22 +291,30 @@ class TestFingerprintAndCLI(unittest.TestCase):
         self.assertEqual((fp["channels"], fp["median_shape"], fp["median_spacing"]), (2, [32.0, 32.0, 24.0], [1.0, 1.0, 2.5]))
         self.assertLess(fp["foreground_intensity"][0]["mean"], fp["foreground_intensity"][1]["mean"])
 
-    def test_bad_inputs(self):
-        with self.assertRaisesRegex(ValueError, "no 'training' cases"):
-            check_datalist({"training": []}, self.root)
-        with self.assertRaisesRegex(FileNotFoundError, "missing_0.nii.gz"):
-            check_datalist({"training": [{"image": "missing_0.nii.gz", "label": "case0_seg.nii.gz"}]}, self.root)
-        with self.assertRaisesRegex(FileNotFoundError, "nope.json"):
+    @parameterized.expand([
+        ("empty", lambda cases: [], "training list of the datalist is empty"),
+        ("missing_file", lambda cases: [{"image": "missing_0.nii.gz", "label": "case0_seg.nii.gz"}],
+         "missing_0.nii.gz does not exist"),
+        ("channels", lambda cases: [cases[0], {"image": "case1_0.nii.gz", "label": "case1_seg.nii.gz"}],
+         "inconsistent channel counts.*case1_0.nii.gz"),
+        ("no_label", lambda cases: [{"image": "case0_0.nii.gz"}], "no 'label' entry"),
+        ("channel_grids", lambda cases: [{"image": ["case0_0.nii.gz", "other_grid_0.nii.gz"], "label": "case0_seg.nii.gz"}],
+         "different spatial shapes"),
+    ])
+    def test_bad_datalist(self, _, training, pattern):
+        """The fingerprint checks the datalist with the bundle's one check (scripts.data), from the headers."""
+        with self.assertRaisesRegex(DataError, pattern):
+            extract_fingerprint({"training": training(self.cases)}, self.root)
+
+    def test_bad_files(self):
+        with self.assertRaisesRegex(DataError, "nope.json"):
             extract_fingerprint(os.path.join(self.root, "nope.json"), self.root)
-        one_channel = {"image": "case1_0.nii.gz", "label": "case1_seg.nii.gz"}
-        with self.assertRaisesRegex(ValueError, "Inconsistent channel counts.*case1_0.nii.gz"):
-            check_datalist({"training": [self.cases[0], one_channel]}, self.root)
         with tempfile.TemporaryDirectory() as tmp:
             bad = write_case(tmp, "bad", label_shape=(32, 32, 20))
-            with self.assertRaisesRegex(ValueError, "bad_seg.nii.gz.*shape"):
-                check_datalist({"training": [bad]}, tmp)
-        with self.assertRaisesRegex(ValueError, "needs both"):
-            check_datalist({"training": [{"image": "case0_0.nii.gz"}]}, self.root)
+            with self.assertRaisesRegex(DataError, "bad_seg.nii.gz.*shape"):
+                extract_fingerprint({"training": [bad]}, tmp)
+            with self.assertRaisesRegex(DataError, "voxels"):
+                extract_fingerprint({"training": [bad]}, tmp, limits={"max_voxels": 1000})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """Training that resumes everywhere: checkpoints loadable by single-process and torchrun runs (old ``module.``
 checkpoints too), an extended run continuing the polynomial LR schedule, distributed validation with fewer
-cases than ranks (each case counted once), and removal of temporary files of interrupted saves."""
+cases than ranks (each case counted once), removal of temporary files of interrupted saves, and training curves
+that continue over a resumed run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import unittest
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
@@ -24,7 +26,7 @@ from monai.metrics import DiceMetric
 from parameterized import parameterized
 from torch.optim.lr_scheduler import PolynomialLR
 
-from scripts.handlers import BestModelSaver, IgnoreStandIn, LatestCheckpoint, ValidationShardSampler
+from scripts.handlers import BestModelSaver, IgnoreStandIn, LatestCheckpoint, TrainingCurves, ValidationShardSampler
 from scripts.io_utils import atomic_path, remove_stale_temp_files
 from tests.test_bundle_workflows import _workflow
 from tests.utils import ROOT, TINY_PLAN, env_with_root, torchrun_training_command, write_dataset
@@ -244,6 +246,47 @@ class TestStaleTempFiles(unittest.TestCase):
         trainer.run()
         self.assertFalse(any(p.exists() for p in stale))
         self.assertTrue(latest.is_file() and best.is_file())
+
+
+class _Validation:
+    """Run ``validator`` after every trainer epoch (as MONAI's ValidationHandler does)."""
+
+    def __init__(self, validator: Engine) -> None:
+        self.validator = validator
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: self.validator.run([0], max_epochs=1))
+
+
+class TestTrainingCurvesOrder(unittest.TestCase):
+    """TrainingCurves records the validator's key metric and keeps a resumed run's curves at any position in the
+    trainer's handler list (before or after the validation and the resumable checkpoint)."""
+
+    @parameterized.expand([("first", 0), ("middle", 1), ("last", 2)])
+    def test_position(self, _, position):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for epochs in (2, 4):  # the second run resumes after epoch 2
+                trainer = Engine(lambda e, batch: {"loss": float(e.state.epoch)})
+                validator = Engine(lambda e, batch: None)
+                validator.state.key_metric_name = "val_mean_dice"
+
+                def metrics(v: Engine, trainer: Engine = trainer) -> None:  # computed when the epoch completes
+                    v.state.metrics.update({"other": -1.0, "val_mean_dice": trainer.state.epoch / 10})
+
+                validator.add_event_handler(Events.EPOCH_COMPLETED, metrics)
+                checkpoint = LatestCheckpoint(tmp / "latest.pt", {"model": torch.nn.Linear(1, 1)})
+                handlers = [_Validation(validator), checkpoint]
+                handlers.insert(position, TrainingCurves(tmp, validator=validator))
+                for handler in handlers:
+                    handler.attach(trainer)
+                trainer.run([0, 0], max_epochs=epochs)
+            curves = json.loads((tmp / "training_curves.json").read_text())
+            self.assertEqual(curves["epoch"], [1, 2, 3, 4])
+            self.assertEqual(curves["loss"], [1.0, 2.0, 3.0, 4.0])
+            self.assertEqual(curves["val_epoch"], [1, 2, 3, 4])
+            np.testing.assert_allclose(curves["val_metric"], [0.1, 0.2, 0.3, 0.4])
+            self.assertTrue((tmp / "training_curves.png").is_file())
 
 
 class TestTrainingWorkflows(unittest.TestCase):

@@ -1,54 +1,23 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Lesion reports and per-case segmentation metrics (IoU, HD95, DSC, sensitivity, specificity) of the 2D workflow."""
+"""Lesion reports and per-case segmentation metrics (IoU, HD95, DSC, sensitivity, specificity) of the 2D workflow.
+
+The evaluation writes the metrics with :class:`scripts.handlers.MetricsJSONWriter` (``case_metrics=case_metrics``)
+and the masks with their reports with :class:`scripts.transforms.AtomicSaveSegmentationd` (``report=True``).
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import logging
-import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
-from monai.utils import optional_import
 from scipy import ndimage
-from scripts.io_utils import atomic_write_text
 
-if TYPE_CHECKING:
-    from ignite.engine import Engine, Events
-else:
-    Engine, _ = optional_import("ignite.engine", name="Engine")
-    Events, _ = optional_import("ignite.engine", name="Events")
-
-__all__ = ["lesion_report", "case_metrics", "CaseMetricsSaver", "write_json_atomic"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["lesion_report", "case_metrics", "METRICS"]
 
 METRICS = ("iou", "hd95", "dsc", "sensitivity", "specificity")
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    return obj
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON (NaN/inf as null) to ``path`` atomically."""
-    atomic_write_text(json.dumps(_json_safe(obj), indent=2), path)
-    return Path(path)
+"""The metrics :func:`case_metrics` computes (besides the confusion counts ``tp``, ``fp``, ``fn``, ``tn``)."""
 
 
 def lesion_report(mask: np.ndarray, spacing: Sequence[float], connectivity: int = 3) -> dict:
@@ -163,76 +132,3 @@ def case_metrics(
         "fn": fn,
         "tn": tn,
     }
-
-
-def _spacing_of(x: Any) -> list[float] | None:
-    aff = getattr(x, "affine", None)
-    if aff is None:
-        return None
-    aff = np.asarray(aff.detach().cpu() if isinstance(aff, torch.Tensor) else aff, dtype=np.float64)
-    n = aff.shape[0] - 1
-    return np.sqrt((aff[:n, :n] ** 2).sum(axis=0)).tolist()
-
-
-class CaseMetricsSaver:
-    """Ignite handler: per-case IoU, HD95, DSC, sensitivity, specificity written to CSV and JSON when the run ends.
-
-    It reads the decollated engine output (a list of dicts, one per case) after post-processing; the prediction
-    and the label must lie on the same grid (e.g. the prediction inverted to the original image space).
-
-    Args:
-        output_dir: folder for ``<name>.csv`` and ``<name>.json``.
-        pred_key: key of the binary prediction.
-        label_key: key of the reference mask.
-        name: base file name.
-    """
-
-    def __init__(
-        self, output_dir: str | os.PathLike, pred_key: str = "pred", label_key: str = "label", name: str = "metrics"
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.pred_key, self.label_key, self.name = pred_key, label_key, name
-        self.rows: list[dict] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows = []
-
-    def _collect(self, engine: Engine) -> None:
-        output = engine.state.output
-        for item in output if isinstance(output, list) else [output]:
-            pred, label = item[self.pred_key], item[self.label_key]
-            src = item.get("image", label)
-            name = getattr(src, "meta", {}).get("filename_or_obj") or getattr(label, "meta", {}).get("filename_or_obj")
-            name = name or f"case_{len(self.rows)}"
-            row = {"case": Path(str(name)).name, **case_metrics(pred, label, _spacing_of(label))}
-            self.rows.append(row)
-            logger.info("%s: %s", row["case"], {k: round(row[k], 4) for k in METRICS})
-
-    def summary(self) -> dict:
-        """Mean and standard deviation of each metric over the cases (NaNs left out)."""
-        out = {}
-        for k in METRICS:
-            vals = np.array([r[k] for r in self.rows], dtype=np.float64)
-            vals = vals[np.isfinite(vals)]
-            out[k] = {
-                "mean": float(vals.mean()) if vals.size else float("nan"),
-                "std": float(vals.std()) if vals.size else float("nan"),
-                "n": int(vals.size),
-            }
-        return out
-
-    def _write(self, engine: Engine) -> None:
-        fields = ["case", *METRICS, "tp", "fp", "fn", "tn"]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(buf.getvalue(), self.output_dir / f"{self.name}.csv")
-        payload = {"hd95_unit": "mm", "cases": self.rows, "summary": self.summary()}
-        write_json_atomic(payload, self.output_dir / f"{self.name}.json")
-        logger.info("per-case metrics written to %s", self.output_dir / f"{self.name}.csv")

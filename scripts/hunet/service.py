@@ -23,7 +23,6 @@ working, the time limit keeps a queue from growing without bound). Result folder
 of running requests are never removed. Error details never show server paths.
 """
 
-
 import argparse
 import io
 import json
@@ -31,24 +30,24 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
-from contextlib import contextmanager
 import threading
 import time
 import uuid
+from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Compose
+from monai.transforms import Compose, SaveImaged
 
-from scripts.hunet.report import lesion_report, write_json_atomic
+from scripts.hunet.report import lesion_report
 from scripts.hunet.retention import RESULT_ID, ResultRetention
-from scripts.hunet.transforms import SaveMaskd, safe_stem, save_nifti_atomic
 from scripts.hunet.uploads import UPLOAD_LIMITS, load_upload
 from scripts.image_guard import ImageLimits, InputError
+from scripts.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, safe_stem, save_nifti_atomic
 
 __all__ = ["HUNetSegmenter", "BodySizeLimit", "ServiceBusy", "create_app", "public_detail", "main"]
 
@@ -132,7 +131,7 @@ class HUNetSegmenter:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         post = parser.get_parsed_content("postprocessing")
-        self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveMaskd)])
+        self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
         self._slots = threading.BoundedSemaphore(max(1, int(max_concurrent)))
         self.slot_timeout_s = slot_timeout_s
 
@@ -308,11 +307,12 @@ def create_app(
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         report = lesion_report(mask, spacing)
         report["source"] = name
-        write_json_atomic(report, folder / "report.json")
-        np.save(folder / "display_image.npy", _display_u8(loaded.array))
-        np.save(folder / "display_mask.npy", mask)
+        atomic_write_json(report, folder / "report.json")
+        for name_npy, arr in (("display_image.npy", _display_u8(loaded.array)), ("display_mask.npy", mask)):
+            with atomic_path(folder / name_npy) as tmp:
+                np.save(tmp, arr)
         if loaded.kind == "png":
-            (folder / "mask.png").write_bytes(_to_png((mask[:, :, 0].T > 0).astype(np.uint8) * 255))
+            atomic_write_bytes(_to_png((mask[:, :, 0].T > 0).astype(np.uint8) * 255), folder / "mask.png")
         rid = folder.name
         result = {
             "id": rid,
@@ -330,7 +330,7 @@ def create_app(
             "report_url": f"/api/results/{rid}/report",
             "slice_url": f"/api/results/{rid}/slices/{{k}}/{{layer}}.png",
         }
-        write_json_atomic(result, folder / "result.json")
+        atomic_write_json(result, folder / "result.json")
         loaded.upload_path.unlink(missing_ok=True)
         return result
 

@@ -1,13 +1,10 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Transforms of the 2D Mamba-HUNet workflow: in-plane unsharp masking, 2D-to-volume lifting, atomic mask saving."""
+"""Transforms of the 2D Mamba-HUNet workflow: in-plane unsharp masking and 2D-to-volume lifting (masks are saved by
+:class:`scripts.transforms.AtomicSaveSegmentationd` with ``report=True``)."""
 
 from __future__ import annotations
 
-import logging
-import os
-import re
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,19 +13,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from scripts.hunet.report import lesion_report, write_json_atomic
-from scripts.io_utils import save_nifti_atomic
-
-__all__ = [
-    "UnsharpMask",
-    "UnsharpMaskd",
-    "EnsureVolumed",
-    "SaveMaskd",
-    "safe_stem",
-    "save_nifti_atomic",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["UnsharpMask", "UnsharpMaskd", "EnsureVolumed"]
 
 
 def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -139,76 +124,4 @@ class EnsureVolumed(MapTransform):
                 d[key] = img
             elif img.ndim != 4:
                 raise ValueError(f"{key!r} must be (C, H, W) or (C, H, W, D), got shape {tuple(img.shape)}.")
-        return d
-
-
-def safe_stem(name: str | os.PathLike, default: str = "case") -> str:
-    """File name stem reduced to ``[A-Za-z0-9._-]`` without path parts or image suffixes (for output names)."""
-    base = Path(str(name)).name
-    for suf in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm", ".png", ".zip", ".mha", ".gz"):
-        if base.lower().endswith(suf):
-            base = base[: -len(suf)]
-            break
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")
-    return base[:100] or default
-
-
-class SaveMaskd(MapTransform):
-    """Save a label map ``(1, H, W, D)`` as uint8 NIfTI with its affine, atomically, and a lesion report beside it.
-
-    The output name is ``<input stem><suffix>.nii.gz`` (the stem taken from the image's ``filename_or_obj``,
-    sanitised); the report is ``<input stem><suffix>_report.json``. The paths are stored in the data under
-    ``<key>_file`` and ``<key>_report_file``.
-
-    Args:
-        keys: key of the label map (usually ``"pred"``).
-        output_dir: folder of the outputs.
-        suffix: appended to the input stem.
-        report: whether to write the lesion report.
-        connectivity: connectivity of the lesion components (1, 2 or 3 = 6-, 18-, 26-connected in 3D).
-        meta_key: key whose ``filename_or_obj`` names the case (default the label map itself).
-        allow_missing_keys: don't raise if a key is missing.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        output_dir: str | os.PathLike,
-        suffix: str = "_seg",
-        report: bool = True,
-        connectivity: int = 3,
-        meta_key: str | None = "image",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.output_dir = Path(output_dir)
-        self.suffix = suffix
-        self.report = report
-        self.connectivity = connectivity
-        self.meta_key = meta_key
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, object]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            pred = d[key]
-            if not isinstance(pred, MetaTensor):
-                raise ValueError(f"SaveMaskd needs a MetaTensor under {key!r} (with affine and file name).")
-            src = d.get(self.meta_key, pred) if self.meta_key else pred
-            name = src.meta.get("filename_or_obj", "") if isinstance(src, MetaTensor) else ""
-            stem = safe_stem(name) + self.suffix
-            arr = pred.detach().cpu().numpy()
-            arr = arr[0] if arr.ndim == 4 else arr
-            mask = np.rint(arr).clip(0, 255).astype(np.uint8)
-            affine = np.asarray(pred.affine, dtype=np.float64)
-            out = save_nifti_atomic(mask, affine, self.output_dir / f"{stem}.nii.gz")
-            d[f"{key}_file"] = str(out)
-            logger.info("saved mask %s", out)
-            if self.report:
-                spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-                rep = lesion_report(mask, spacing, connectivity=self.connectivity)
-                rep["source"] = Path(str(name)).name
-                rep["mask_file"] = out.name
-                rep_path = self.output_dir / f"{stem}_report.json"
-                write_json_atomic(rep, rep_path)
-                d[f"{key}_report_file"] = str(rep_path)
         return d

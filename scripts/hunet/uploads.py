@@ -16,8 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.hunet.transforms import save_nifti_atomic
 from scripts.image_guard import ImageLimits, InputError, check_image, safe_extract_zip
+from scripts.io_utils import save_nifti_atomic
 
 __all__ = ["UPLOAD_LIMITS", "UploadError", "LoadedUpload", "detect_kind", "load_upload", "safe_unzip"]
 

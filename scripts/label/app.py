@@ -2,11 +2,12 @@
 """Serve this bundle from MONAI Label 0.8.5's ``monaibundle`` sample app, offline, on the loopback interface.
 
 The app is copied from the monailabel wheel (``monailabel apps --download``), the bundle is served from
-``<app>/model/<name>`` (its configs with ``configs/plan.yaml`` merged in, its scripts, models and data linked),
-and the server is started with the flags that keep it offline (no model-zoo index, no SAM2 weights), behind the
-request guard of :mod:`scripts.label.server` (ids that would leave the datastore are refused, no cross-origin
-access by default). Every step is a function so the integration test and ``docs/run_monailabel.sh`` share them
-(run from the bundle root)::
+``<app>/model/<name>`` (its configs with ``configs/plan.yaml`` merged in; its ``scripts/`` code without the
+tooling subpackages of :data:`TOOLING`, its models and its data linked), and the server is started with the flags
+that keep it offline (no model-zoo index, no SAM2 weights), behind the request guard of
+:mod:`scripts.label.server` (ids that would leave the datastore are refused, no cross-origin access by default).
+Every step is a function so the integration test and ``scripts/label/run_server.sh`` share them (run from the
+bundle root)::
 
     python -m scripts.label.app prepare --app .monailabel/app --bundle . --name mambaclinix
     python -m scripts.label.app init-model --bundle .            # only when models/model.pt is missing
@@ -30,7 +31,9 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_NAME",
     "OFFLINE_CONF",
+    "TOOLING",
     "check_name",
+    "served_scripts",
     "prepare_app",
     "resolve_plan",
     "load_plan",
@@ -49,6 +52,12 @@ DEFAULT_NAME = "mambaclinix"
 OFFLINE_CONF: tuple[tuple[str, str], ...] = (("zoo_source", "github"), ("sam2", "false"))
 #: the configuration files MONAI Label reads (it does not read ``.yml``).
 LABEL_CONFIGS = ("inference.yaml", "train.yaml")
+#: subpackages of ``scripts/`` that are tooling, never imported by the configs: benchmarks, experiments (the loss
+#: ablation), demo data and hostile-input checks. The model MONAI Label serves (:func:`prepare_app`) and a copy of
+#: the bundle (:func:`copy_bundle`) leave them out; a module ``<name>.py`` of the same name is left out too.
+TOOLING: tuple[str, ...] = ("benchmark", "experiments", "demo", "checks")
+#: names never served nor copied: Python's byte-code caches.
+_CACHES = ("__pycache__",)
 
 
 def check_name(name: str) -> None:
@@ -83,12 +92,44 @@ def load_plan(plan: str | os.PathLike | None) -> dict:
     return values
 
 
+def _is_served(entry: Path) -> bool:
+    """Whether an entry of a bundle's ``scripts/`` folder is code the configs may import."""
+    stem = entry.name if entry.is_dir() else entry.name.split(".", 1)[0]
+    return stem not in TOOLING and entry.name not in _CACHES and not entry.name.endswith(".pyc")
+
+
+def served_scripts(scripts_dir: str | os.PathLike) -> list[Path]:
+    """The entries of a bundle's ``scripts/`` folder that inference and training may import: all but the tooling
+    subpackages of :data:`TOOLING` (and byte-code caches), sorted by name.
+
+    Raises:
+        ValueError: ``scripts_dir`` is not a folder.
+    """
+    scripts_dir = Path(scripts_dir)
+    if not scripts_dir.is_dir():
+        raise ValueError(f"{scripts_dir} is not a folder; pass the bundle's scripts/ folder.")
+    return sorted((e for e in scripts_dir.iterdir() if _is_served(e)), key=lambda e: e.name)
+
+
+def _remove(path: Path) -> None:
+    """Remove a link or file, or a folder (links inside it are removed, not followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def _replace_link(link: Path, target: Path) -> None:
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        shutil.rmtree(link)
+    _remove(link)
     link.symlink_to(target, target_is_directory=True)
+
+
+def _link_served_scripts(scripts_dir: Path, served: Path) -> None:
+    """Make ``served`` a folder of links to the :func:`served_scripts` entries of ``scripts_dir``."""
+    _remove(served)
+    served.mkdir(parents=True)
+    for entry in served_scripts(scripts_dir):
+        (served / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
 
 
 def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name: str = DEFAULT_NAME,
@@ -98,8 +139,10 @@ def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name
     MONAI Label reads only ``configs/inference.yaml`` and ``configs/train.yaml`` and takes no overrides, so a plan
     (``configs/plan.yaml`` by default, written by ``python -m scripts.plan``) must be inside them: the served
     folder ``<app_dir>/model/<name>`` gets its own ``configs/`` (the bundle's, with the plan's top-level values
-    set) while ``scripts/``, ``models/`` and ``data/`` link to the bundle's, so training there rewrites the
-    bundle's own ``models/model.pt``. Call it again after re-planning.
+    set) and its own ``scripts/`` folder whose entries link to the bundle's ``scripts/`` entries except the
+    tooling of :data:`TOOLING` (:func:`served_scripts`), while ``models/`` and ``data/`` link to the bundle's, so
+    training there rewrites the bundle's own ``models/model.pt``. Call it again after re-planning or after adding
+    a module to ``scripts/``.
 
     Args:
         app_dir: the app folder to create (``<app_dir>/main.py`` after this call).
@@ -141,7 +184,8 @@ def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name
     if plan_path is not None:
         set_plan(target, load_plan(plan_path))
     (bundle_root / "models").mkdir(exist_ok=True)
-    for sub in ("scripts", "models", "data"):
+    _link_served_scripts(bundle_root / "scripts", target / "scripts")
+    for sub in ("models", "data"):
         if (bundle_root / sub).is_dir():
             _replace_link(target / sub, bundle_root / sub)
     logger.info("bundle %s served as %r from %s (plan: %s)", bundle_root, name, target, plan_path or "none")
@@ -149,16 +193,28 @@ def prepare_app(app_dir: str | os.PathLike, bundle_root: str | os.PathLike, name
 
 
 def copy_bundle(src: str | os.PathLike, dst: str | os.PathLike, with_models: bool = False) -> Path:
-    """Copy a bundle's ``configs/`` and ``scripts/`` (and ``models/`` when asked) to ``dst``.
+    """Copy a bundle's ``configs/`` and the code of its ``scripts/`` (and ``models/`` when asked) to ``dst``.
 
-    Caches, data, runs and evaluation outputs are left out; ``dst/models`` is always created.
+    ``scripts/`` is copied as MONAI Label serves it (:func:`served_scripts`: without the tooling of
+    :data:`TOOLING`); caches, data, runs and evaluation outputs are left out; ``dst/models`` is always created.
+
+    Returns:
+        ``dst``.
     """
     src, dst = Path(src), Path(dst)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    ignore = shutil.ignore_patterns(*_CACHES, "*.pyc")
     dst.mkdir(parents=True, exist_ok=True)
-    for sub in ("configs", "scripts") + (("models",) if with_models else ()):
+    for sub in ("configs",) + (("models",) if with_models else ()):
         if (src / sub).is_dir():
             shutil.copytree(src / sub, dst / sub, ignore=ignore, dirs_exist_ok=True, symlinks=False)
+    if (src / "scripts").is_dir():
+        (dst / "scripts").mkdir(exist_ok=True)
+        for entry in served_scripts(src / "scripts"):
+            if entry.is_dir():
+                shutil.copytree(entry, dst / "scripts" / entry.name, ignore=ignore, dirs_exist_ok=True,
+                                symlinks=False)
+            else:
+                shutil.copy2(entry, dst / "scripts" / entry.name)
     (dst / "models").mkdir(exist_ok=True)
     return dst
 
@@ -189,8 +245,11 @@ def set_plan(bundle_root: str | os.PathLike, values: Mapping[str, object],
         changed = [k for k in values if k in config]
         for k in changed:
             config[k] = values[k]
-        with open(path, "w") as f:
-            yaml.dump(config, f, Dumper=_no_alias_dumper(), sort_keys=False, default_flow_style=None, width=120)
+        from scripts.io_utils import atomic_write_text
+
+        atomic_write_text(
+            yaml.dump(config, Dumper=_no_alias_dumper(), sort_keys=False, default_flow_style=None, width=120), path
+        )
         logger.info("%s: set %s", path, changed)
 
 
@@ -268,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default=DEFAULT_NAME)
     p.add_argument("--plan", default="auto", help="plan YAML merged into the served configs (default: configs/plan.yaml if any)")
     p.add_argument("--no-plan", action="store_true", help="serve the configs without a plan")
-    p = sub.add_parser("copy-bundle", help="copy configs/ and scripts/ of a bundle")
+    p = sub.add_parser("copy-bundle", help="copy configs/ and scripts/ (without the tooling) of a bundle")
     p.add_argument("src")
     p.add_argument("dst")
     p = sub.add_parser("init-model", help="write models/model.pt of a freshly initialised network if missing")

@@ -43,8 +43,9 @@ __all__ = ["protected_folders", "check_layout", "default_allowed_hosts", "guarde
 
 logger = logging.getLogger(__name__)
 
-#: folders of the served model that link to the bundle (see :func:`scripts.label.app.prepare_app`).
-LINKED = ("scripts", "models", "data")
+#: folders of the served model that link to the bundle's (see :func:`scripts.label.app.prepare_app`); its
+#: ``scripts/`` is a folder of links into the bundle's ``scripts/``, which lies inside the bundle root.
+LINKED = ("models", "data")
 
 
 def protected_folders(app_dir: str | os.PathLike, name: str = DEFAULT_NAME,
@@ -55,7 +56,7 @@ def protected_folders(app_dir: str | os.PathLike, name: str = DEFAULT_NAME,
         app_dir: the MONAI Label app folder.
         name: the served model's name (``<app_dir>/model/<name>``); several separated by commas, as MONAI Label's
             ``--conf models`` takes them.
-        bundle: the bundle root; by default the folder holding a served model's ``scripts`` link target.
+        bundle: the bundle root; by default the folder holding a served model's ``models`` link target.
     """
     app_dir = Path(app_dir).resolve()
     folders = [app_dir]
@@ -65,8 +66,8 @@ def protected_folders(app_dir: str | os.PathLike, name: str = DEFAULT_NAME,
         for sub in LINKED:
             if (served / sub).exists():
                 folders.append((served / sub).resolve())
-        if bundle is None and (served / "scripts").is_symlink():
-            folders.append((served / "scripts").resolve().parent)
+        if bundle is None and (served / "models").is_symlink():
+            folders.append((served / "models").resolve().parent)
     if bundle is not None:
         folders.append(Path(bundle).resolve())
     return list(dict.fromkeys(folders))

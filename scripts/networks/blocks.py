@@ -55,8 +55,8 @@ def _fast_norm(layer: nn.Module) -> nn.Module:
 
     Both normalise every channel of every sample over its spatial extent with the biased variance and have the
     same ``weight``/``bias`` parameters (same names, same initialisation), so state dicts and outputs are the same;
-    PyTorch's CPU group-norm kernels are about 2x faster than its instance norm, which runs batch norm on a
-    reshaped copy (and 3-4x faster on ``channels_last_3d`` tensors).
+    PyTorch's CPU group-norm kernels are faster than its instance norm, which runs batch norm on a reshaped copy,
+    the more so on ``channels_last_3d`` tensors (figures in ``docs/benchmarks/``).
     """
     if isinstance(layer, nn.modules.instancenorm._InstanceNorm) and not layer.track_running_stats:
         group_norm = nn.GroupNorm(layer.num_features, layer.num_features, eps=layer.eps, affine=layer.affine)

@@ -4,14 +4,15 @@
 PyTorch picks its CPU convolution backend with a heuristic written for 2D images: a batch-1 input with a 3x3 kernel
 and fewer than ``20480`` elements in ``(N, C, D, H)`` goes to the native ``slow_conv3d`` loop instead of oneDNN. For
 3D feature maps that rule catches the deep stages (e.g. ``256 x 8^3``) and the stem (``1 x 64^3``), which then run
-3-8x slower than oneDNN would run them (``docs/benchmarks/README.md``). These subclasses of ``nn.Conv2d`` /
+several times slower than oneDNN would run them (figures in ``docs/benchmarks/``). These subclasses of ``nn.Conv2d`` /
 ``nn.Conv3d`` call oneDNN directly in exactly those cases; the module, its parameters, state dict and maths are the
 standard ones, and every other case (CUDA, autocast, batches > 1, tracing, ``torch.compile``) takes PyTorch's own path.
 
 They also route around a oneDNN bug: in bfloat16 on CPU (autocast or bfloat16 tensors), the weight gradient of a 3D
-convolution whose input has a depth of 2 is wrong (relative error about 1, often inf/NaN from uninitialised
-memory; PyTorch 2.13.0+cpu, measured with 32+ channels; output and input gradient are right). Such convolutions,
-e.g. the 2^3 bottleneck of a 64^3 patch, run in float32 and give their result back in bfloat16.
+convolution whose input has a depth of 2 is wrong (as large as the gradient itself, or inf/NaN read from
+uninitialised memory; the output and the input gradient are right; ``tests/test_conv.py`` checks it against a
+float64 reference). Such convolutions, e.g. the 2^3 bottleneck of a 64^3 patch, run in float32 and give their
+result back in bfloat16.
 """
 
 from __future__ import annotations

@@ -9,16 +9,15 @@ everywhere else a pure PyTorch path runs with :func:`scripts.networks.selective_
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .selective_scan import selective_scan
+from .initialization import init_dt_projection_, resolve_dt_rank, ssm_state_parameters
+from .selective_scan import mamba_ssm_op, selective_scan
 
 __all__ = ["Mamba", "fused_mamba_available"]
 
@@ -27,15 +26,9 @@ logger = logging.getLogger(__name__)
 _LOGGED_PATHS: set[str] = set()
 
 
-@functools.lru_cache(maxsize=None)
 def _fused_mamba_inner_fn() -> Callable | None:
-    """mamba-ssm's fused ``mamba_inner_fn`` when it and ``causal_conv1d`` import, else ``None``."""
-    try:
-        from causal_conv1d import causal_conv1d_fn  # noqa: F401  (the fused path needs it)
-        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-    except (ImportError, OSError, RuntimeError):
-        return None
-    return mamba_inner_fn
+    """mamba-ssm's fused ``mamba_inner_fn`` when it and ``causal_conv1d`` (which it calls) import, else ``None``."""
+    return mamba_ssm_op("mamba_inner_fn", requires=("causal_conv1d",))
 
 
 def fused_mamba_available() -> bool:
@@ -105,19 +98,13 @@ class Mamba(nn.Module):
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
-        if dt_init not in ("random", "constant"):
-            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}.")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"Need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}.")
         factory_kwargs = {"device": device, "dtype": dtype}
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
         self.expand = expand
         self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        if self.dt_rank < 1:
-            raise ValueError(f"dt_rank must be 'auto' or a positive integer, got {dt_rank!r}.")
+        self.dt_rank = resolve_dt_rank(dt_rank, d_model)
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
         self.scan_backend = scan_backend
@@ -132,24 +119,8 @@ class Mamba(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory_kwargs)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
 
-        # time-step projection: weights ~ U(+-std), bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]
-        std = self.dt_rank**-0.5 * dt_scale
-        with torch.no_grad():
-            if dt_init == "constant":
-                self.dt_proj.weight.fill_(std)
-            else:
-                self.dt_proj.weight.uniform_(-std, std)
-            log_dt = torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min))
-            dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_init_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
-
-        # S4D-real initialisation A = -(1..N) per channel, stored as log; D = 1; neither takes weight decay
-        a = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(a))
-        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
-        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
-        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        init_dt_projection_(self.dt_proj.weight, self.dt_proj.bias, dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
+        self.A_log, self.D = ssm_state_parameters(self.d_inner, d_state, device)
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from monai.networks.layers import DropPath
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
-from scripts.networks.selective_scan import selective_scan
+from .initialization import init_dt_projection_, resolve_dt_rank, ssm_state_parameters
+from .selective_scan import selective_scan
 
 __all__ = ["SS2D", "VSSBlock", "PatchMerging2D", "HUNetUpBlock", "MambaHUNet", "cross_scan", "cross_merge"]
 
@@ -105,14 +106,10 @@ class SS2D(nn.Module):
             raise ValueError(f"d_model and d_state must be positive, got d_model={d_model}, d_state={d_state}.")
         if d_conv < 1 or d_conv % 2 == 0:
             raise ValueError(f"d_conv must be a positive odd kernel size (it keeps the map size), got {d_conv}.")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}.")
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = max(1, int(expand * d_model))
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        if self.dt_rank < 1:
-            raise ValueError(f"dt_rank must be 'auto' or a positive integer, got {dt_rank!r}.")
+        self.dt_rank = resolve_dt_rank(dt_rank, d_model)
         self.scan_backend = scan_backend
         k, d, n, r = self.num_directions, self.d_inner, d_state, self.dt_rank
 
@@ -122,16 +119,10 @@ class SS2D(nn.Module):
         # per-direction projections to (dt, B, C) and from dt_rank to d_inner
         bound = d**-0.5
         self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d).uniform_(-bound, bound))
-        dt_std = r**-0.5
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r).uniform_(-dt_std, dt_std))
-        dt = torch.exp(torch.rand(k, d) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        a = torch.arange(1, n + 1, dtype=torch.float32).repeat(k * d, 1)
-        self.A_logs = nn.Parameter(torch.log(a))
-        self.Ds = nn.Parameter(torch.ones(k * d))
-        for p in (self.A_logs, self.Ds):
-            p._no_weight_decay = True  # type: ignore[attr-defined]
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d))
+        init_dt_projection_(self.dt_projs_weight, self.dt_projs_bias, dt_min, dt_max, dt_init_floor=dt_init_floor)
+        self.A_logs, self.Ds = ssm_state_parameters(k * d, n)
         self.out_norm = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -8,13 +8,13 @@ Image Segmentation", https://arxiv.org/abs/2409.12533.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from scripts.architecture import BLOCK_TYPES, default_block_types, default_hgcn_orders
 from .blocks import (
     ChannelLayerNorm,
     ConvNormAct,
@@ -27,18 +27,8 @@ from .blocks import (
 from .conv import conv_layer
 from .initialization import he_init_
 
+# default_block_types / default_hgcn_orders: re-exported from scripts.architecture (the one definition)
 __all__ = ["MambaClinix", "default_block_types", "default_hgcn_orders"]
-
-
-def default_block_types(num_stages: int) -> list[str]:
-    """The stage layout of Eq. 11: the first ``ceil(n / 2)`` stages use HGCN, the rest residual Mamba."""
-    num_hgcn = math.ceil(num_stages / 2)
-    return ["hgcn"] * num_hgcn + ["mamba"] * (num_stages - num_hgcn)
-
-
-def default_hgcn_orders(block_types: Sequence[str], min_order: int = 2, max_order: int = 6) -> list[int]:
-    """HGCN interaction orders ``s + 2`` for stage ``s``, clipped to ``[min_order, max_order]``."""
-    return [min(max(s + 2, min_order), max_order) for s, b in enumerate(block_types) if b == "hgcn"]
 
 
 def _per_stage(value, num_stages: int, spatial_dims: int, name: str) -> list[tuple[int, ...]]:
@@ -114,8 +104,8 @@ class MambaClinix(nn.Module):
             recomputation of a block holds one sub-step at a time: the least memory, for one more forward pass of
             those sub-steps. ``False`` keeps everything (figures in docs/benchmarks).
         channels_last: run the convolutions on channels-last memory (``channels_last_3d`` in 3D). ``None``
-            (default) turns it on for 3D inputs on CPU, where oneDNN's kernels are about 1.3x faster in that
-            layout; the output is returned channels-first (contiguous) either way and the results are the same
+            (default) turns it on for 3D inputs on CPU, where oneDNN's kernels are faster in that layout
+            (docs/benchmarks); the output is returned channels-first (contiguous) either way and the results are the same
             up to float rounding.
         he_init: initialise the network as nnU-Net does (:func:`scripts.networks.initialization.he_init_`:
             Kaiming-normal convolution weights with ``a=1e-2``, zero convolution biases; Mamba's ``conv1d``, the
@@ -163,7 +153,7 @@ class MambaClinix(nn.Module):
         kernels = _per_stage(kernel_size, num_stages, spatial_dims, "kernel_size")
         stride_list = _per_stage(strides, num_stages, spatial_dims, "strides")
         block_types = list(block_types) if block_types is not None else default_block_types(num_stages)
-        if len(block_types) != num_stages or any(b not in ("hgcn", "mamba", "res") for b in block_types):
+        if len(block_types) != num_stages or any(b not in BLOCK_TYPES for b in block_types):
             raise ValueError(
                 f"block_types needs one of 'hgcn'/'mamba'/'res' per stage ({num_stages} stages), got {block_types}."
             )

@@ -2,8 +2,8 @@
 """Average pooling by a stride that keeps ``channels_last_3d`` tensors in their layout.
 
 PyTorch's CPU ``avg_pool3d`` has no channels-last kernel: a ``channels_last_3d`` input is copied to channels-first,
-pooled, and the result handed back channels-first, so the next layers convert it again. On a ``32 x 64^3`` map the
-copy costs about ten times the pooling itself (``docs/benchmarks/optimizations.md``). :class:`StrideAvgPool` pools
+pooled, and the result handed back channels-first, so the next layers convert it again; the copies cost more than
+the pooling itself (figures in ``docs/benchmarks/optimizations.md``). :class:`StrideAvgPool` pools
 such inputs without leaving their layout: depth by adding strided slices, height and width with the channels-last
 ``avg_pool2d`` kernel. Other inputs take the standard ``avg_pool`` path; the results are the same up to float
 rounding.

@@ -30,6 +30,7 @@ The choice is the ``backend`` argument, else the environment variable ``MAMBACLI
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import warnings
@@ -45,6 +46,7 @@ __all__ = [
     "ENV_VAR",
     "SCAN_BACKENDS",
     "cuda_scan_available",
+    "mamba_ssm_op",
     "resolve_backend",
     "selective_scan",
 ]
@@ -58,7 +60,7 @@ SCAN_BACKENDS = ("auto", "cuda", "chunked", "naive")
 """Accepted backend names (``None`` means ``"auto"`` unless :data:`ENV_VAR` is set)."""
 
 DEFAULT_CHUNK_SIZE = 64
-"""Steps per chunk of the ``"chunked"`` backend (measured with ``python -m scripts.bench_scan``)."""
+"""Steps per chunk of the ``"chunked"`` backend (chosen with the scan benchmark of ``docs/benchmarks/``)."""
 
 BACKWARD_STATE_BUDGET = 1 << 22
 """Most hidden-state elements the ``"chunked"`` backward stores at once (4M float32 = 16 MiB)."""
@@ -67,13 +69,22 @@ _LOGGED_BACKENDS: set[str] = set()
 
 
 @functools.lru_cache(maxsize=None)
-def _mamba_selective_scan_fn() -> Callable | None:
-    """mamba-ssm's CUDA ``selective_scan_fn`` or ``None`` when it cannot be imported (CPU builds, ABI mismatch)."""
+def mamba_ssm_op(name: str, requires: tuple[str, ...] = ()) -> Callable | None:
+    """A fused op of mamba-ssm, ``mamba_ssm.ops.selective_scan_interface.<name>`` (e.g. ``selective_scan_fn``,
+    ``mamba_inner_fn``), or ``None`` when it or one of the modules ``requires`` cannot be imported (CPU builds,
+    ABI mismatch, an op's missing companion such as ``causal_conv1d``). Imported on first use, then cached."""
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        for module in requires:
+            importlib.import_module(module)
+        interface = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
     except (ImportError, OSError, RuntimeError):
         return None
-    return selective_scan_fn
+    return getattr(interface, name, None)
+
+
+def _mamba_selective_scan_fn() -> Callable | None:
+    """mamba-ssm's CUDA ``selective_scan_fn``, or ``None`` (:func:`mamba_ssm_op`)."""
+    return mamba_ssm_op("selective_scan_fn")
 
 
 def cuda_scan_available() -> bool:

@@ -1,12 +1,12 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """What :func:`scripts.runtime.reuse_freed_cpu_memory` changes on CPU (a benchmark, not a test).
 
-Run as ``python -m scripts.bench_allocator [--models mambaclinix swinunetr] [--size 64] [--rounds 3]``.
+Run as ``python -m scripts.benchmark.allocator [--models mambaclinix swinunetr] [--size 64] [--rounds 3]``.
 
 The allocator setting holds for a whole process, so each case runs in a fresh subprocess, once with glibc's default
 ``malloc`` (``system``) and once with freed memory kept for reuse (``reuse``); the two alternate (their order flips
 every round) so that drift of a shared machine hits both alike. A case builds the model of
-:mod:`scripts.benchmark`, times ``--repeats`` forward passes (batch 1, ``inference_mode``) and training steps
+:mod:`scripts.benchmark.models`, times ``--repeats`` forward passes (batch 1, ``inference_mode``) and training steps
 (batch ``--train-batch``) after one warm-up each, and reports the process's peak resident set size (``VmHWM``,
 absolute: with memory kept, growth over a baseline would hide the peak). Reported: the median over rounds of each
 round's median, and the ratio reuse / system. Results go to ``--json`` (written atomically) and the log.
@@ -25,36 +25,44 @@ from typing import Any
 
 __all__ = ["main", "run_case", "summarize"]
 
-logger = logging.getLogger("scripts.bench_allocator")
+logger = logging.getLogger(__name__)
 
 SETTINGS = ("system", "reuse")
 
 
 def run_case(name: str, size: int, train_batch: int, repeats: int, reuse: bool, threads: int) -> dict[str, Any]:
-    """Time one model in this process (the allocator setting is applied first when ``reuse``)."""
+    """Time one model in this process (the allocator setting is applied first when ``reuse``, before torch is
+    imported here).
+
+    Returns:
+        ``reuse`` (whether the setting is in effect), ``forward_s`` and ``train_s`` (medians of ``repeats`` calls after
+        one warm-up) and ``forward_peak_rss_mib`` / ``train_peak_rss_mib`` (the process's peak RSS after each phase,
+        :func:`scripts.benchmark.probes.peak_rss_mib`, never reset here).
+    """
     from scripts.runtime import reuse_freed_cpu_memory
 
     applied = reuse_freed_cpu_memory() if reuse else False
     import torch
 
-    from scripts.benchmark import _peak_rss_mib, _Runner, _timed
+    from scripts.benchmark.probes import peak_rss_mib
+    from scripts.benchmark.workload import Workload, timed
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    runner = _Runner(name, torch.device("cpu"), train_batch)
+    workload = Workload(name, torch.device("cpu"), train_batch)
     out: dict[str, Any] = {"reuse": applied}
-    for key, fn in (("forward", runner.forward(size)), ("train", runner.train_step(size))):
+    for key, fn in (("forward", workload.forward(size)), ("train", workload.train_step(size))):
         fn()  # warm-up
-        out[f"{key}_s"] = statistics.median(_timed(fn, torch.device("cpu"))[0] for _ in range(repeats))
-        out[f"{key}_peak_rss_mib"] = _peak_rss_mib()
+        out[f"{key}_s"] = statistics.median(timed(fn, torch.device("cpu"))[0] for _ in range(repeats))
+        out[f"{key}_peak_rss_mib"] = peak_rss_mib()
     return out
 
 
 def _child(name: str, size: int, train_batch: int, repeats: int, reuse: bool, threads: int) -> dict[str, Any]:
-    from scripts.benchmark import run_module_json
+    from scripts.benchmark.probes import run_module_json
 
     return run_module_json(
-        "scripts.bench_allocator", "--case", name, str(size), str(train_batch), str(repeats), "1" if reuse else "0",
+        "scripts.benchmark.allocator", "--case", name, str(size), str(train_batch), str(repeats), "1" if reuse else "0",
         "--threads", str(threads),
     )
 
@@ -90,7 +98,7 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m scripts.benchmark.allocator", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["mambaclinix", "mambaclinix_demo", "swinunetr", "dynunet"])
     p.add_argument("--size", type=int, default=64, help="cubic patch edge")
     p.add_argument("--train-batch", type=int, default=2)
@@ -103,7 +111,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """Command-line entry point (``python -m scripts.bench_allocator --help``)."""
+    """Command-line entry point (``python -m scripts.benchmark.allocator --help``).
+
+    Returns:
+        The results (also written to ``--json``), or ``None`` for an internal ``--case`` run.
+
+    Raises:
+        ValueError: ``--size``, ``--repeats`` or ``--rounds`` below 1, or an unknown model name.
+    """
     args = _parser().parse_args(argv)
     if args.case:
         name, size, batch, repeats, reuse = args.case
@@ -114,13 +129,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         if value < 1:
             raise ValueError(f"{label} must be >= 1, got {value}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from scripts.benchmark import MODELS, _atomic_write, _parse_name, machine_info
+    from scripts.benchmark.machine import describe_machine
+    from scripts.benchmark.models import parse_model_name
+    from scripts.io_utils import atomic_write_json
 
     for name in args.models:
-        if _parse_name(name)[0] not in MODELS:
-            raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}.")
+        parse_model_name(name)  # raises ValueError on an unknown model or option
     result: dict[str, Any] = {
-        "machine": machine_info("cpu", args.threads),
+        "machine": describe_machine("cpu", args.threads),
         "settings": {k: getattr(args, k) for k in ("models", "size", "train_batch", "repeats", "rounds", "threads")},
         "load_average_start": list(os.getloadavg()),
         "models": {name: {"runs": {s: [] for s in SETTINGS}} for name in args.models},
@@ -137,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     result["table"] = _markdown(result)
     logger.info("\n%s", result["table"])
     if args.json:
-        _atomic_write(args.json, json.dumps(result, indent=1))
+        atomic_write_json(result, args.json, indent=1)
         logger.info("wrote %s", args.json)
     return result
 

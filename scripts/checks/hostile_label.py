@@ -8,8 +8,9 @@ refuses every hostile case with a 4xx; an unguarded MONAI Label 0.8.5 accepts mo
 The probes are meant to do little harm on an unguarded server: absolute targets point into ``workdir`` (a write
 that escapes is found there and reported), ``../`` ones can leave a tiny ``escape_<token>.nii.gz`` (or a
 ``tmp*`` file) beside the studies folder, nothing outside the datastore and ``workdir`` is deleted, and
-/infer and /train are asked of a model name that does not exist. One plain probe image (a tiny NIfTI) is uploaded under a
-unique id and removed at the end.
+/infer and /train are asked of a model name that does not exist. One plain probe image (a tiny NIfTI) is uploaded
+under a unique id and removed at the end. ``python -m scripts.checks.hostile --target monailabel`` runs these
+checks after its hostile files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-__all__ = ["check_label_server", "tiny_nifti"]
+__all__ = ["EVIL_ORIGIN", "check_label_server", "tiny_nifti"]
 
 logger = logging.getLogger(__name__)
 

@@ -2,30 +2,27 @@
 """Hostile-input suite: generate files built to exhaust memory or to slip through checks, send each to a target,
 and report what happened against what should have happened.
 
-    python -m scripts.check_hostile --target bundle [--out report.json]
-    python -m scripts.check_hostile --target hunet --url http://127.0.0.1:8008 [--server_pid PID]
-    python -m scripts.check_hostile --target monailabel --url http://127.0.0.1:8000 [--model mambaclinix]
+    python -m scripts.checks.hostile --target bundle [--out report.json]
+    python -m scripts.checks.hostile --target hunet --url http://127.0.0.1:8008 [--server_pid PID]
+    python -m scripts.checks.hostile --target monailabel --url http://127.0.0.1:8000 [--model mambaclinix]
 
 Targets: ``bundle`` runs the bundle's data check (``scripts.data.validate_datalist``) and its inference / MONAI Label
-loader (``scripts.label_compat.LoadImageCheckedd`` and ``NormalizeChannelsd``) in this process; ``hunet`` posts each
+loader (``scripts.label.compat.LoadImageCheckedd`` and ``NormalizeChannelsd``) in this process; ``hunet`` posts each
 file to ``/api/segment`` of a running lesion service; ``monailabel`` posts it to ``/infer/<model>?output=image`` of a
-running MONAI Label server (multipart field ``file``) and then runs ``scripts.label.hostile.check_label_server``
-(path traversal, CORS) when that module exists. Each case prints its HTTP status (for ``bundle`` the status the
-error carries), the time, and the growth of the peak resident memory: of this process for ``bundle``, of the server
-for ``--server_pid`` (its ``VmHWM``, reset before each case through ``/proc/<pid>/clear_refs`` where allowed). A case
-fails when the status is not one of those expected or a decompression / header bomb grew the peak by more than
-``--max_rss_mb``; the exit status is 1 if any case failed.
+running MONAI Label server (multipart field ``file``) and then runs
+:func:`scripts.checks.hostile_label.check_label_server` (path traversal, CORS). Each case prints its HTTP status
+(for ``bundle`` the status the error carries), the time, and the growth of the peak resident memory: of this process
+for ``bundle``, of the server for ``--server_pid`` (its ``VmHWM``, reset before each case through
+``/proc/<pid>/clear_refs`` where allowed). A case fails when the status is not one of those expected or a
+decompression / header bomb grew the peak by more than ``--max_rss_mb``; the exit status is 1 if any case failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import io
-import json
 import logging
 import math
-import os
 import struct
 import sys
 import tempfile
@@ -38,6 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from scripts.benchmark.procfs import proc_status_mib, reset_peak_rss_of
+from scripts.io_utils import atomic_write_json
 
 __all__ = ["Case", "CASES", "make_cases", "run_bundle", "run_http", "peak_rss_growth_mb", "address_space_cap", "main"]
 
@@ -251,27 +251,6 @@ CASES = make_cases()
 # ---- measuring ---------------------------------------------------------------------------------------------------
 
 
-def _status_kb(pid: int | str, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak(pid: int | str) -> bool:
-    """Reset the peak RSS (``VmHWM``) of a process to its current RSS; False where the kernel doesn't allow it."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 @contextmanager
 def address_space_cap(extra_gb: float = 3.0) -> Iterator[None]:
     """Cap this process's address space at its current size plus ``extra_gb`` while the block runs (Linux), so
@@ -279,11 +258,11 @@ def address_space_cap(extra_gb: float = 3.0) -> Iterator[None]:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    vm = _status_kb("self", "VmSize")
+    vm = proc_status_mib("VmSize")
     if vm is None:
         yield
         return
-    cap = vm * 1024 + int(extra_gb * 1024**3)
+    cap = int(vm * 2**20) + int(extra_gb * 1024**3)
     resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     try:
         yield
@@ -294,14 +273,14 @@ def address_space_cap(extra_gb: float = 3.0) -> Iterator[None]:
 def peak_rss_growth_mb(fn: Callable[[], object], pid: int | str = "self") -> tuple[object, float | None]:
     """Run ``fn`` and return its result (or the exception it raised) and how far it raised the peak RSS of ``pid``
     above the RSS before it (MB); ``None`` where ``/proc`` can't tell."""
-    reset = _reset_peak(pid)
-    before = _status_kb(pid, "VmRSS" if reset else "VmHWM")
+    reset = reset_peak_rss_of(pid)
+    before = proc_status_mib("VmRSS" if reset else "VmHWM", pid)
     try:
         out: object = fn()
     except Exception as e:  # the caller judges what was raised
         out = e
-    after = _status_kb(pid, "VmHWM")
-    growth = None if before is None or after is None else max(0.0, (after - before) / 1024)
+    after = proc_status_mib("VmHWM", pid)
+    growth = None if before is None or after is None else max(0.0, after - before)
     return out, growth
 
 
@@ -321,7 +300,7 @@ def _status_of(outcome: object) -> tuple[int, str]:
 def run_bundle(files: dict[str, Path], max_rss_mb: float, in_channels: int = 1) -> list[Result]:
     """Each file through the bundle's data check and its inference / MONAI Label loader, in this process."""
     from scripts.data import validate_datalist
-    from scripts.label_compat import LoadImageCheckedd
+    from scripts.label.compat import LoadImageCheckedd
     from scripts.transforms import NormalizeChannelsd
 
     loader = LoadImageCheckedd("image", in_channels=in_channels, spatial_dims=3, ensure_channel_first=True,
@@ -390,11 +369,8 @@ def _judge(case: Case, target: str, request: str, outcome: object, seconds: floa
 
 
 def _label_server_checks(url: str, workdir: Path) -> list[Result]:
-    try:
-        from scripts.label.hostile import check_label_server
-    except ImportError as e:
-        logger.warning("scripts.label.hostile is not available (%s): path-traversal / CORS checks skipped", e)
-        return []
+    from scripts.checks.hostile_label import check_label_server
+
     out = []
     for r in check_label_server(url, workdir):
         out.append(Result(str(r.get("case")), str(r.get("request")), r.get("status"), 0.0, None, bool(r.get("ok")),
@@ -414,7 +390,8 @@ def _print(results: list[Result]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.checks.hostile", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--target", choices=("bundle", "hunet", "monailabel"), required=True)
     ap.add_argument("--url", default=None, help="base URL of the running server (hunet, monailabel)")
     ap.add_argument("--model", default="mambaclinix", help="MONAI Label model name")
@@ -448,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             results += _label_server_checks(args.url, folder / "label_server")
     _print(results)
     if args.out:
-        Path(args.out).write_text(json.dumps([asdict(r) for r in results], indent=1))
+        atomic_write_json([asdict(r) for r in results], args.out, indent=1)
     return 0 if all(r.ok for r in results) else 1
 
 

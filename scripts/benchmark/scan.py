@@ -1,7 +1,7 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """Benchmark of the selective-scan backends (a benchmark, not a test).
 
-Run as ``python -m scripts.bench_scan [--json PATH] [--length 4096] [--backends chunked naive] ...``.
+Run as ``python -m scripts.benchmark.scan [--json PATH] [--length 4096] [--backends chunked naive] ...``.
 
 For each backend it measures, each case in a fresh subprocess so that peak memory is not shared between cases:
 
@@ -10,9 +10,9 @@ For each backend it measures, each case in a fresh subprocess so that peak memor
 
 Times are medians over ``--repeats`` runs after ``--warmup`` runs: wall clock, and the process's CPU time
 (``time.process_time``, less sensitive to other jobs on a shared machine; with several threads it sums them).
-Peak memory is the growth of the process's peak resident set size
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) during the first run, over a baseline taken after the inputs are
-allocated. The inputs follow a Mamba layer: ``A = -(1..N)``, ``delta_bias`` with
+Peak memory is the growth of the process's lifetime peak resident set size
+(:func:`scripts.benchmark.probes.lifetime_peak_rss_mib`, ``ru_maxrss``) during the first run, over a baseline taken
+after the inputs are allocated. The JSON is written atomically. The inputs follow a Mamba layer: ``A = -(1..N)``, ``delta_bias`` with
 softplus, ``D`` and the ``z`` gate.
 """
 
@@ -22,7 +22,6 @@ import argparse
 import importlib
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,12 +29,15 @@ import time
 
 import torch
 
+from scripts.benchmark.probes import lifetime_peak_rss_mib
+from scripts.io_utils import atomic_write_json
+
 # the package re-exports the function under the module's name, so fetch the module itself
 scan_module = importlib.import_module("scripts.networks.selective_scan")
 
 __all__ = ["main", "run_case"]
 
-logger = logging.getLogger("scripts.bench_scan")
+logger = logging.getLogger(__name__)
 
 MODES = ("forward", "forward_backward")
 
@@ -53,10 +55,6 @@ def _make_inputs(batch: int, channels: int, state: int, length: int, seed: int =
         "z": torch.randn(batch, channels, length, generator=gen),
         "delta_bias": torch.full((channels,), -4.0),
     }
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def run_case(
@@ -86,11 +84,11 @@ def run_case(
             for t in inputs.values():
                 t.grad = None
 
-    baseline = _peak_rss_mib()
+    baseline = lifetime_peak_rss_mib()
     start = time.perf_counter()
     once()
     first = time.perf_counter() - start
-    peak = _peak_rss_mib() - baseline
+    peak = lifetime_peak_rss_mib() - baseline
     for _ in range(max(0, warmup - 1)):
         once()
     times, cpu_times = [], []
@@ -113,7 +111,7 @@ def run_case(
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark.scan", description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--length", type=int, default=4096, help="sequence length L")
     parser.add_argument("--batch", type=int, default=1, help="batch size B")
@@ -149,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for backend in args.backends:
         for mode in args.modes:
-            cmd = [sys.executable, "-m", "scripts.bench_scan", *common, "--worker", backend, mode]
+            cmd = [sys.executable, "-m", "scripts.benchmark.scan", *common, "--worker", backend, mode]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"benchmark case {backend}/{mode} failed:\n{proc.stderr}")
@@ -175,10 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 mode, n["median_s"] / c["median_s"], c["peak_mem_mib"] / max(n["peak_mem_mib"], 1e-9),
             )
     if args.json:
-        with open(args.json, "w") as f:
-            config = {k: v for k, v in vars(args).items() if k != "worker"} | {"threads": torch.get_num_threads()}
-            memory = "growth of ru_maxrss over the baseline after allocating the inputs, first run"
-            json.dump({"config": config, "memory": memory, "results": results}, f, indent=2)
+        config = {k: v for k, v in vars(args).items() if k != "worker"} | {"threads": torch.get_num_threads()}
+        memory = "growth of ru_maxrss over the baseline after allocating the inputs, first run"
+        atomic_write_json({"config": config, "memory": memory, "results": results}, args.json)
     return results
 
 

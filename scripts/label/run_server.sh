@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 # Serve this bundle from MONAI Label 0.8.5 (the monaibundle sample app), offline, on the loopback interface.
-#   bash docs/run_monailabel.sh                 # http://127.0.0.1:8000, model "mambaclinix"
-#   PORT=8001 STUDIES=/data/my_images bash docs/run_monailabel.sh
-#   CORS_ORIGINS="http://localhost:3000" bash docs/run_monailabel.sh    # a browser viewer served elsewhere
+#   bash scripts/label/run_server.sh                 # http://127.0.0.1:8000, model "mambaclinix"
+#   PORT=8001 STUDIES=/data/my_images bash scripts/label/run_server.sh
+#   CORS_ORIGINS="http://localhost:3000" bash scripts/label/run_server.sh    # a browser viewer served elsewhere
 # Environment: HOST (127.0.0.1), PORT (8000), NAME (mambaclinix), APP_DIR (.monailabel/app),
 # STUDIES ($HOME/mambaclinix-studies: the datastore, kept outside the bundle and the app (the server refuses a
 # nested one); an empty one gets the MNI demo images when data/mni exists), CORS_ORIGINS (none),
@@ -11,7 +11,7 @@
 # and the guard that refuses ids leaving the datastore.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-8000}"
@@ -24,7 +24,7 @@ PY="$LABEL_VENV/bin/python"
 bash "$ROOT/scripts/label/setup_env.sh"
 # MONAI Label lists a bundle only when models/model.pt exists: start from fresh weights when none was trained yet
 if [[ ! -f "$ROOT/models/model.pt" ]]; then
-  echo "run_monailabel: models/model.pt is missing; writing freshly initialised weights (train before trusting them)"
+  echo "run_server: models/model.pt is missing; writing freshly initialised weights (train before trusting them)"
   "$PY" -m scripts.label.app init-model --bundle "$ROOT"
 fi
 "$PY" -m scripts.label.app prepare --app "$APP_DIR" --bundle "$ROOT" --name "$NAME"

@@ -1,25 +1,16 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Plots of :mod:`scripts.benchmark` results (PNG, matplotlib's Agg backend)."""
+"""Plots of :mod:`scripts.benchmark` results (PNG, matplotlib's Agg backend), each file written atomically."""
 
 from __future__ import annotations
 
-import io
-import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from scripts.io_utils import atomic_path
+
 __all__ = ["latency_plot", "make_plots", "scaling_plot"]
-
-logger = logging.getLogger(__name__)
-
-
-def _figure_bytes(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def scaling_plot(result: dict[str, Any]) -> Any | None:
@@ -88,8 +79,12 @@ def latency_plot(result: dict[str, Any], key: str = "forward") -> Any | None:
     return fig
 
 
-def make_plots(result: dict[str, Any], out_dir: str, writer: Callable[[str, bytes], None]) -> list[str]:
-    """Write ``scaling.png``, ``latency_forward.png`` and ``latency_train.png`` (those with data) with ``writer``."""
+def make_plots(result: dict[str, Any], out_dir: str) -> list[str]:
+    """Write ``scaling.png``, ``latency_forward.png`` and ``latency_train.png`` (those with data) to ``out_dir``.
+
+    Returns:
+        The paths written.
+    """
     import matplotlib.pyplot as plt
 
     paths = []
@@ -102,7 +97,8 @@ def make_plots(result: dict[str, Any], out_dir: str, writer: Callable[[str, byte
         if fig is None:
             continue
         path = os.path.join(out_dir, fname)
-        writer(path, _figure_bytes(fig))
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
