@@ -41,9 +41,10 @@ inference:
 demo: setup
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory data plan train evaluate inference && \
-	$(PY) -c "import json; m = json.load(open('eval/demo_metrics.json')); d = m['val_mean_dice']; \
-	print('held-out Dice per class:', {k: round(v, 4) for k, v in d['per_class'].items()}); \
-	print('held-out mean Dice: %.4f' % m['mean_dice'])" && \
+	$(PY) -c "import json; m = json.load(open('eval/demo_metrics.json')); r = lambda d: {k: v if v is None else round(v, 4) for k, v in d.items()}; \
+	print('held-out Dice per class:', r(m['dice']['per_class'])); \
+	print('held-out HD95 per class (%s):' % m['hd95_unit'], r(m['hd95']['per_class'])); \
+	print('held-out mean Dice: %.4f (per class over the cases, then the mean over the classes)' % m['mean_dice'])" && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s; metrics in eval/demo_metrics.json, segmentation and overlay in eval/inference/"
 
 test: setup

@@ -22,12 +22,44 @@ from monai.transforms import LoadImage
 
 from scripts.image_guard import DataError, ImageHeader, ImageLimits, check_image, check_spatial_dims
 
-__all__ = ["DataError", "SPLITS", "read_datalist", "load_datalist", "load_splits", "check_case", "validate_datalist"]
+__all__ = [
+    "DataError", "SPLITS", "read_datalist", "load_datalist", "load_splits", "check_case", "validate_datalist",
+    "skip_unavailable_dicom_decoder", "label_names", "class_names", "datalist_class_names", "check_class_names",
+]
 
 #: the lists of an MSD-style datalist, in the order they are checked
 SPLITS = ("training", "validation", "test")
 
 logger = logging.getLogger(__name__)
+
+
+def skip_unavailable_dicom_decoder() -> bool:
+    """Leave MONAI's nvImageCodec DICOM reader out of :class:`monai.transforms.LoadImage`'s default readers when
+    nvImageCodec cannot run here (no ``nvidia-nvimgcodec``, CuPy or CUDA device).
+
+    Every ``LoadImage`` builds each of its default readers; ``NvImgCodecPydicomReader`` then tries to register its
+    GPU decoder plugin and, without nvImageCodec, logs a warning and warns that it falls back to pydicom's
+    decoders, at every loader. Without nvImageCodec that reader declines every file (its ``verify_suffix`` is
+    false), so leaving it out changes no read: DICOM files go to the other readers as before. Where nvImageCodec
+    runs, the reader is kept. Called when this module is imported (every config imports it before any loader is
+    built).
+
+    Returns:
+        whether the reader was left out (now or by an earlier call).
+    """
+    from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
+    from monai.transforms.io.array import SUPPORTED_READERS
+
+    if "nvimgcodecpydicomreader" not in SUPPORTED_READERS:
+        return True
+    if is_nvimgcodec_available():
+        return False
+    del SUPPORTED_READERS["nvimgcodecpydicomreader"]
+    logger.debug("nvImageCodec is not available: LoadImage reads DICOM without its GPU decoder")
+    return True
+
+
+skip_unavailable_dicom_decoder()
 
 
 def read_datalist(datalist: str | os.PathLike | Mapping) -> dict:
@@ -49,6 +81,102 @@ def read_datalist(datalist: str | os.PathLike | Mapping) -> dict:
     if not isinstance(content, dict):
         raise DataError(f"datalist {path} must hold a JSON object with 'training', 'validation' and 'test' lists.")
     return content
+
+
+def label_names(labels: Mapping | None, source: str = "the datalist") -> dict[int, str] | None:
+    """A dataset's ``labels`` mapping as ``{value: name}``, background included.
+
+    Accepts both forms: MSD's datalist / ``dataset.json`` ``{"0": "background", "1": "liver"}`` and nnU-Net v2's
+    ``dataset.json`` ``{"background": 0, "liver": 1}`` (its ``"ignore"`` label has no output class and is left
+    out).
+
+    Args:
+        labels: the ``labels`` entry (``None`` or empty: no names).
+        source: the file, for messages.
+
+    Returns:
+        the names by label value, or ``None`` when ``labels`` is absent or empty.
+
+    Raises:
+        DataError: region-based labels (a list of values per name), or entries that are neither form.
+    """
+    if labels is None or (isinstance(labels, Mapping) and not labels):
+        return None
+    if not isinstance(labels, Mapping):
+        raise DataError(f"{source}: 'labels' must map values to names ({{\"0\": \"background\", \"1\": ...}}) or "
+                        f"names to values ({{\"background\": 0, ...}}), got {labels!r}.")
+
+    def _value(v: object) -> int | None:
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return v
+        return int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else None
+
+    if any(isinstance(v, (list, tuple)) for v in labels.values()):
+        raise DataError(f"{source}: region-based labels (a list of values per name) are not supported; the bundle "
+                        "predicts one class per voxel: give one value per name.")
+    keys = {k: _value(k) for k in labels}
+    if all(v is not None for v in keys.values()) and all(isinstance(n, str) for n in labels.values()):
+        names = {keys[k]: str(n) for k, n in labels.items()}  # MSD: value -> name
+    else:
+        values = {k: _value(v) for k, v in labels.items() if k != "ignore"}
+        bad = [k for k, v in values.items() if v is None]
+        if bad:
+            raise DataError(f"{source}: 'labels' mixes forms or holds non-integer values at {bad}; use "
+                            "{\"0\": \"background\", \"1\": \"name\"} or {\"background\": 0, \"name\": 1}.")
+        names = {v: str(k) for k, v in values.items()}  # nnU-Net v2: name -> value
+        if len(names) != len(values):
+            raise DataError(f"{source}: 'labels' gives one value to several names: {dict(labels)}.")
+    return dict(sorted(names.items()))
+
+
+def class_names(names: Mapping[int, str] | None, out_channels: int, source: str = "the datalist") -> list[str]:
+    """The names of classes ``1 .. out_channels - 1`` (no background): from ``names`` (:func:`label_names`),
+    else ``class_1``, ``class_2``, ...
+
+    Raises:
+        DataError: ``names`` does not name exactly the values ``0 .. out_channels - 1``.
+    """
+    n = int(out_channels) - 1
+    if names is None:
+        return [f"class_{i}" for i in range(1, n + 1)]
+    expected = list(range(n + 1))
+    if sorted(names) != expected:
+        raise DataError(f"{source}: 'labels' names the values {sorted(names)} but out_channels {out_channels} needs "
+                        f"exactly {expected} (background and {n} classes); fix 'labels' or out_channels (configs/plan.yaml "
+                        "from `python -m scripts.plan`).")
+    return [names[i] for i in range(1, n + 1)]
+
+
+def datalist_class_names(datalist: str | os.PathLike | Mapping, out_channels: int) -> list[str]:
+    """The class names of a datalist (its ``labels``, either form of :func:`label_names`) for a network with
+    ``out_channels`` outputs; ``class_1``, ``class_2``, ... when the datalist has no ``labels`` or its file does
+    not exist (e.g. a bundle served by MONAI Label without its data).
+
+    Raises:
+        DataError: the datalist is not valid JSON, or its ``labels`` do not name ``out_channels`` classes.
+    """
+    if not isinstance(datalist, Mapping) and not Path(datalist).is_file():
+        return class_names(None, out_channels)
+    source = "<datalist>" if isinstance(datalist, Mapping) else str(datalist)
+    return class_names(label_names(read_datalist(datalist).get("labels"), source), out_channels, source)
+
+
+def check_class_names(names: Sequence[str] | None, out_channels: int) -> list[str]:
+    """``names`` as a list of strings if it names every class but background (``out_channels - 1`` names).
+
+    Raises:
+        DataError: another count (one line naming the fix).
+    """
+    n = int(out_channels) - 1
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) != n:
+        raise DataError(
+            f"class_names {names!r} must list {n} name(s), one per class without background (out_channels is "
+            f"{out_channels}); fix class_names in configs/plan.yaml (`python -m scripts.plan` writes the datalist's "
+            "'labels') or on the command line, e.g. --class_names \"['liver', 'tumour']\"."
+        )
+    return [str(c) for c in names]
 
 
 def load_datalist(
@@ -120,14 +248,15 @@ def _warn_escapes(items: object, datalist: str, dataset_dir: str | os.PathLike, 
                     )
 
 
-def _headers(path, what: str, case: int, limits: ImageLimits, spatial_dims: int | None) -> list[ImageHeader]:
+def _headers(path, what: str, case: int, limits: ImageLimits, spatial_dims: int | None,
+             series_uid: str | None = None) -> list[ImageHeader]:
     """The checked headers of an image or label (one per file), every file on the same voxel grid."""
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
     for p in paths:
         if not os.path.exists(p):
             raise DataError(f"case {case}: {what} file {p} does not exist; fix the path in the datalist or --dataset_dir.")
     try:
-        headers = check_image(path, limits, spatial_dims)  # before any array is allocated
+        headers = check_image(path, limits, spatial_dims, series_uid=series_uid)  # before any array is allocated
     except DataError as e:  # keeps the class, and with it the HTTP status of InputError / ImageTooLargeError
         raise type(e)(f"case {case}: {what} {e}") from e
     except Exception as e:  # readers raise many types for corrupt files
@@ -155,6 +284,17 @@ def _unreadable(path, what: str, case: int, error: Exception) -> DataError:
                      "the file is corrupt or not a supported image (NIfTI, NRRD, DICOM series).")
 
 
+def _loader(headers: Sequence[ImageHeader], limits: ImageLimits, series_uid: str | None = None) -> LoadImage:
+    """A channel-first ``LoadImage``; DICOM inputs are read by :class:`scripts.dicom_io.DicomVolumeReader` (largest
+    series of a folder, enhanced multi-frame images), as the configs' ``LoadImageCheckedd`` reads them."""
+    loader = LoadImage(image_only=True, ensure_channel_first=True)
+    if any(h.format == "dicom" for h in headers):
+        from scripts.dicom_io import DicomVolumeReader
+
+        loader.register(DicomVolumeReader(series_uid, limits))
+    return loader
+
+
 def _check_case(
     item: Mapping,
     in_channels: int | None,
@@ -164,12 +304,13 @@ def _check_case(
     spatial_dims: int | None,
     limits: ImageLimits,
     read: bool,
+    series_uid: str | None = None,
 ) -> tuple[tuple[int, ...], int]:
     """:func:`check_case`, returning (spatial shape, channels)."""
     name = item["image"]
-    headers = _headers(name, "image", index, limits, spatial_dims)
+    headers = _headers(name, "image", index, limits, spatial_dims, series_uid)
     if read:
-        img = _read(name, LoadImage(image_only=True, ensure_channel_first=True), "image", index, spatial_dims)
+        img = _read(name, _loader(headers, limits, series_uid), "image", index, spatial_dims)
         spatial, channels = tuple(int(s) for s in img.shape[1:]), int(img.shape[0])
     else:
         img = None
@@ -186,7 +327,7 @@ def _check_case(
         return spatial, channels
     label = item["label"]
     label_headers = _headers(label, "label", index, limits, spatial_dims)
-    lab = _read(label, LoadImage(image_only=True, ensure_channel_first=True), "label", index, spatial_dims) if read else None
+    lab = _read(label, _loader(label_headers, limits), "label", index, spatial_dims) if read else None
     label_spatial = tuple(int(s) for s in (lab.shape[1:] if read else label_headers[0].spatial_shape))
     if label_spatial != spatial:
         raise DataError(
@@ -219,6 +360,7 @@ def check_case(
     spatial_dims: int | None = None,
     limits: ImageLimits | Mapping | None = None,
     read: bool = True,
+    series_uid: str | None = None,
 ) -> tuple[int, ...]:
     """Check one ``{"image", "label"}`` entry: headers within ``limits``, files present and readable, channel files
     on one grid, 2D or 3D, channel count, label on the image grid and, when the arrays are read, NaNs and label
@@ -235,6 +377,8 @@ def check_case(
             ``None``: the defaults.
         read: read the arrays (channels as the reader sees them, NaNs, label values); ``False`` checks the headers
             only (shapes and channels as the headers declare them), which is fast for large datasets.
+        series_uid: the series to check in an image that is a DICOM folder holding several series (the inference
+            config's ``series_uid``); ``None``: the largest, as :mod:`scripts.dicom_io` reads it.
 
     Returns:
         the image's spatial shape.
@@ -243,7 +387,7 @@ def check_case(
         DataError: with the file and the problem in the message (``ImageTooLargeError`` beyond ``limits``).
     """
     return _check_case(item, in_channels, num_classes, index, multi_label, spatial_dims, ImageLimits.coerce(limits),
-                       read)[0]
+                       read, series_uid)[0]
 
 
 def validate_datalist(
@@ -256,6 +400,7 @@ def validate_datalist(
     limits: ImageLimits | Mapping | None = None,
     require_label: bool = False,
     read: bool = True,
+    series_uid: str | None = None,
 ) -> list[dict]:
     """Check every case of a list (see :func:`check_case`, also for ``spatial_dims``, ``limits`` and ``read``) and
     return the list unchanged. This is the bundle's one datalist check: the training and evaluation configs, the
@@ -271,6 +416,7 @@ def validate_datalist(
         limits: see :func:`check_case`.
         require_label: every case needs a ``label`` (training data).
         read: see :func:`check_case`.
+        series_uid: see :func:`check_case`.
 
     Raises:
         DataError: for an empty list or the first bad case, naming the file and the fix.
@@ -286,7 +432,8 @@ def validate_datalist(
         if require_label and item.get("label") is None:
             raise DataError(f"case {i} of the {name} list has no 'label' entry: {item}; every case needs an image "
                             "and its label.")
-        _, channels = _check_case(item, in_channels, num_classes, i, multi_label, spatial_dims, limits, read)
+        _, channels = _check_case(item, in_channels, num_classes, i, multi_label, spatial_dims, limits, read,
+                                  series_uid)
         if first is None:
             first = (channels, item["image"])
         elif channels != first[0]:

@@ -23,7 +23,9 @@ from monai.metrics import Cumulative, compute_confusion_matrix_metric
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.optim.lr_scheduler import PolynomialLR
 
+from .image_guard import DataError
 from .io_utils import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, remove_stale_temp_files
+from .metrics import AGGREGATION, finite_mean, summarise
 
 __all__ = [
     "BestModelSaver", "LatestCheckpoint", "loads_checkpoint", "continue_poly_schedule", "unwrap_module",
@@ -234,7 +236,9 @@ class BestModelSaver:
         if float(value) > self.best_metric:
             self.best_metric, self.best_epoch = float(value), int(epoch)
             atomic_torch_save(self._weights(), self.path)
-            logger.info("new best %s %.4f at epoch %d: saved %s", name, self.best_metric, epoch, self.path)
+            logger.info("new best %s %.4f at epoch %d (validation on the network's resampled grid, for model "
+                        "selection; evaluation reports in each case's original geometry): saved %s", name,
+                        self.best_metric, epoch, self.path)
 
     def _final(self, engine: Engine) -> None:
         if self.best_epoch < 0:
@@ -426,8 +430,8 @@ class TrainingCurves:
         if self.history["val_metric"]:
             ax2 = ax1.twinx()
             ax2.plot(self.history["val_epoch"], self.history["val_metric"], "-s", color="tab:red", ms=4,
-                     label="validation mean Dice")
-            ax2.set_ylabel("validation mean Dice", color="tab:red")
+                     label="validation mean Dice (resampled grid)")
+            ax2.set_ylabel("validation mean Dice (resampled grid)", color="tab:red")
             ax2.set_ylim(0, 1)
         ax1.set_title("MambaClinix training")
         fig.tight_layout()
@@ -444,33 +448,44 @@ class MetricsJSONWriter:
 
     The per-case values come from one of two sources:
 
-    - ``case_metrics=None``: the metric handlers' per-case details, ``engine.state.metric_details`` (filled by
-      MONAI's ignite metrics with ``save_details=True``, their default). A metric with one value per class gets
-      the columns ``<metric>_<class>`` and ``<metric>_mean`` (the mean over the classes with a finite value);
-      raw confusion matrices (``ConfusionMatrix`` handlers) become the metric their name contains
-      (sensitivity, specificity, precision or accuracy).
     - ``case_metrics``: a function ``(pred, label, spacing) -> dict`` of one case, applied to each case of the
       evaluator's output after post-processing (``pred`` and ``label`` on the same grid, ``spacing`` the
-      label's voxel size from its affine); its values are the columns (e.g.
-      :func:`scripts.hunet.report.case_metrics`).
+      label's voxel size from its affine). A value is a number (one column ``<metric>``, e.g.
+      :func:`scripts.hunet.report.case_metrics`) or a mapping from class name to number (columns
+      ``<metric>_<class>`` and ``<metric>_mean``, the case's mean over its classes; e.g.
+      :class:`scripts.metrics.SegmentationMetrics`).
+    - ``case_metrics=None``: the metric handlers' per-case details, ``engine.state.metric_details`` (filled by
+      MONAI's ignite metrics with ``save_details=True``, their default), one column per class as above; raw
+      confusion matrices (``ConfusionMatrix`` handlers) become the metric their name contains (sensitivity,
+      specificity, precision or accuracy) per case and class.
 
     Every row also has ``case`` (the file name of the case's image, else of its label) and ``image`` (that
-    file's path as read). The summary gives, per metric, ``mean``, ``std`` and ``n`` over the finite values
-    (a NaN, e.g. HD95 of an empty mask, is left out; no finite value gives ``null``), and ``per_class`` means
-    for per-class details. The JSON is ``{**extra, "cases": rows, "summary": summary}`` plus ``mean_dice``
-    (the summary mean of the metric whose name ends with ``mean_dice``, when there is one), written with
-    :func:`scripts.io_utils.atomic_write_json` (NaN as ``null``).
+    file's path as read). The summary aggregates every metric by one rule, :data:`scripts.metrics.AGGREGATION`
+    (:func:`scripts.metrics.summarise`): per class, the mean over the cases; then the mean over the classes. The
+    JSON is ``{**extra, "aggregation": rule, "cases": rows, "summary": summary}`` plus ``mean_dice`` (the summary
+    mean of the metric named ``dice`` or ending with ``mean_dice``, when there is one), written with
+    :func:`scripts.io_utils.atomic_write_json` (NaN as ``null``); the CSV holds the same rows, the log the same
+    summary, with the same class names.
 
     Args:
         output_path: the JSON file, e.g. ``eval/metrics.json``.
-        class_names: names of the evaluated classes in the metric's channel order (``class_<i>`` otherwise).
-        summary_path: optional second JSON with only ``mean_dice`` and the summary (e.g. ``eval/summary.json``).
+        class_names: names of the classes of the metric handlers' details, in channel order (``class_1``,
+            ``class_2``, ... when ``None``); ``case_metrics`` name their classes themselves.
+        summary_path: optional second JSON with ``mean_dice``, the aggregation rule and the summary (e.g.
+            ``eval/summary.json``).
         case_metrics: per-case metric function (see above); ``None`` reads the metric handlers' details.
         metrics: the metrics summarised (default every one); per-case rows keep every column.
         pred_key: key of the prediction in the evaluator's output (with ``case_metrics``).
         label_key: key of the reference label in the evaluator's output (with ``case_metrics``).
         csv_path: optional CSV file of the per-case rows.
-        extra: constant entries at the top of the JSON (e.g. ``{"hd95_unit": "mm"}``).
+        extra: constant entries at the top of the JSON (e.g. ``{"hd95_unit": "mm"}``; a ``<metric>_unit`` entry
+            is also shown in the log).
+
+    Raises:
+        ValueError: ``case_metrics`` is not callable; when writing, ``class_names`` whose count differs from the
+            classes of a metric's details.
+        scripts.image_guard.DataError: ``case_metrics`` refuses a case (e.g. a label on another grid than its
+            prediction), naming the case's file.
     """
 
     def __init__(
@@ -478,7 +493,7 @@ class MetricsJSONWriter:
         output_path: str | os.PathLike,
         class_names: Sequence[str] | None = None,
         summary_path: str | os.PathLike | None = None,
-        case_metrics: Callable[..., Mapping[str, float]] | None = None,
+        case_metrics: Callable[..., Mapping[str, float | Mapping[str, float]]] | None = None,
         metrics: Sequence[str] | None = None,
         pred_key: str = "pred",
         label_key: str = "label",
@@ -490,13 +505,13 @@ class MetricsJSONWriter:
         self.output_path = Path(output_path)
         self.summary_path = Path(summary_path) if summary_path else None
         self.csv_path = Path(csv_path) if csv_path else None
-        self.class_names = list(class_names) if class_names else None
+        self.class_names = [str(c) for c in class_names] if class_names else None
         self.case_metrics = case_metrics
         self.metrics = list(metrics) if metrics is not None else None
         self.pred_key, self.label_key = pred_key, label_key
         self.extra = dict(extra or {})
         self._files: list[str] = []
-        self._rows: list[dict] = []
+        self._values: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -504,7 +519,7 @@ class MetricsJSONWriter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self._files, self._rows = [], []
+        self._files, self._values = [], []
 
     def _collect(self, engine: Engine) -> None:
         output = engine.state.output
@@ -515,19 +530,21 @@ class MetricsJSONWriter:
             self._files.append(name)
             if self.case_metrics is not None:
                 label = item[self.label_key]
-                values = dict(self.case_metrics(item[self.pred_key], label, _spacing_of(label)))
-                self._rows.append({"case": Path(name).name, "image": name, **values})
-                logger.info("%s: %s", Path(name).name, {k: _rounded(_num(values[k])) for k in self._summarised(values)})
+                try:
+                    values = dict(self.case_metrics(item[self.pred_key], label, _spacing_of(label)))
+                except ValueError as e:  # e.g. a label file on another grid than its image: bad data, one line
+                    raise DataError(f"{name}: {e}") from e
+                self._values.append(values)
+                logger.info("%s: %s", Path(name).name, {k: _rounded_value(values[k]) for k in self._summarised(values)})
 
     def _summarised(self, names) -> list[str]:
         return [m for m in names if self.metrics is None or m in self.metrics]
 
-    def _detail_rows(self, engine: Engine) -> tuple[list[dict], dict]:
-        """Per-case rows and summary from the metric handlers' per-case, per-class details."""
+    def _detail_values(self, engine: Engine) -> list[dict]:
+        """Per-case ``{metric: {class: value}}`` from the metric handlers' per-case, per-class details."""
         details = getattr(engine.state, "metric_details", {}) or {}
-        rows: list[dict] = []
-        summary: dict = {}
-        for metric in self._summarised(details):
+        cases: list[dict] = []
+        for metric in details:
             values = torch.as_tensor(details[metric]).float().cpu()
             if values.ndim == 3 and values.shape[-1] == 4:  # raw confusion matrices (tp, fp, tn, fn) per case/class
                 name = next((m for m in ("sensitivity", "specificity", "precision", "accuracy") if m in metric), None)
@@ -537,36 +554,57 @@ class MetricsJSONWriter:
             if values.ndim == 1:
                 values = values[:, None]
             n_cls = values.shape[1]
-            names = self.class_names if self.class_names and len(self.class_names) == n_cls else [
-                f"class_{i + 1}" for i in range(n_cls)]
+            if self.class_names is not None and len(self.class_names) != n_cls:
+                raise ValueError(f"class_names {self.class_names} name {len(self.class_names)} classes but {metric} has "
+                                 f"{n_cls}; give one name per class without background (out_channels - 1).")
+            names = self.class_names or [f"class_{i + 1}" for i in range(n_cls)]
             for i in range(values.shape[0]):
-                while len(rows) <= i:
-                    file = self._files[len(rows)] if len(rows) < len(self._files) else f"case_{len(rows)}"
-                    rows.append({"case": Path(file).name, "image": file})
-                for c, cname in enumerate(names):
-                    rows[i][f"{metric}_{cname}"] = float(values[i, c])
-                rows[i][f"{metric}_mean"] = _nanmean(values[i])
-            summary[metric] = {**_stats(values), "per_class": {cname: _nanmean(values[:, c])
-                                                                for c, cname in enumerate(names)}}
+                while len(cases) <= i:
+                    cases.append({})
+                cases[i][metric] = {c: float(values[i, j]) for j, c in enumerate(names)}
+        return cases
+
+    def _rows_and_summary(self, cases: list[dict]) -> tuple[list[dict], dict]:
+        rows: list[dict] = []
+        for i, values in enumerate(cases):
+            file = self._files[i] if i < len(self._files) else f"case_{i}"
+            row: dict = {"case": Path(file).name, "image": file}
+            for metric, v in values.items():
+                if isinstance(v, Mapping):
+                    row.update({f"{metric}_{c}": _num_or_nan(x) for c, x in v.items()})
+                    row[f"{metric}_mean"] = finite_mean(v)
+                else:
+                    row[metric] = v
+            rows.append(row)
+        summary: dict = {}
+        for metric in self._summarised(dict.fromkeys(m for values in cases for m in values)):
+            per_case = [values.get(metric, math.nan) for values in cases]
+            if any(isinstance(v, Mapping) for v in per_case):
+                classes = list(dict.fromkeys(c for v in per_case if isinstance(v, Mapping) for c in v))
+                table = [[_num_or_nan(v.get(c, math.nan)) if isinstance(v, Mapping) else math.nan for c in classes]
+                         for v in per_case]
+                summary[metric] = summarise(np.asarray(table, dtype=np.float64).reshape(len(per_case), -1), classes)
+            else:
+                summary[metric] = summarise(np.asarray([_num_or_nan(v) for v in per_case], dtype=np.float64))
         return rows, summary
 
     def _write(self, engine: Engine) -> None:
-        if self.case_metrics is None:
-            rows, summary = self._detail_rows(engine)
-        else:
-            rows = self._rows
-            columns = [k for k in (rows[0] if rows else {}) if k not in ("case", "image")]
-            summary = {m: _stats(torch.tensor([float(r[m]) for r in rows], dtype=torch.float64))
-                       for m in self._summarised(columns)}
-        result = {**self.extra, "cases": rows, "summary": summary}
-        dice_key = next((k for k in summary if k.endswith("mean_dice")), None)
+        cases = self._values if self.case_metrics is not None else self._detail_values(engine)
+        rows, summary = self._rows_and_summary(cases)
+        result = {**self.extra, "aggregation": AGGREGATION, "cases": rows, "summary": summary}
+        dice_key = next((k for k in summary if k == "dice" or k.endswith("mean_dice")), None)
         if dice_key is not None:
             result["mean_dice"] = summary[dice_key]["mean"]
         atomic_write_json(result, self.output_path)
-        logger.info("wrote per-case metrics of %d case(s) to %s", len(rows), self.output_path)
+        logger.info("wrote per-case metrics of %d case(s) to %s (%s)", len(rows), self.output_path,
+                    "per class over the cases, then the mean over the classes")
         for metric, s in summary.items():
-            logger.info("%s: mean %s%s", metric, _rounded(s["mean"]), "" if "per_class" not in s else
-                        f", per class {({k: _rounded(v) for k, v in s['per_class'].items()})}")
+            unit = f" {self.extra[f'{metric}_unit']}" if f"{metric}_unit" in self.extra else ""
+            if "per_class" in s:
+                logger.info("%s: mean over %d classes %s%s; per class %s", metric, len(s["per_class"]),
+                            _rounded(s["mean"]), unit, {k: _rounded(v) for k, v in s["per_class"].items()})
+            else:
+                logger.info("%s: mean %s%s over %d case(s)", metric, _rounded(s["mean"]), unit, s["n"])
         if self.csv_path is not None:
             buf = io.StringIO()
             fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -575,7 +613,8 @@ class MetricsJSONWriter:
             writer.writerows(rows)
             atomic_write_text(buf.getvalue(), self.csv_path)
         if self.summary_path is not None:
-            atomic_write_json({"mean_dice": result.get("mean_dice"), **summary}, self.summary_path)
+            atomic_write_json({"mean_dice": result.get("mean_dice"), **self.extra, "aggregation": AGGREGATION,
+                               **summary}, self.summary_path)
 
 
 def _case_file(item: Mapping, keys: Sequence[str], default: str) -> str:
@@ -599,26 +638,23 @@ def _spacing_of(x: object) -> list[float] | None:
     return np.sqrt((aff[:n, :n] ** 2).sum(axis=0)).tolist()
 
 
-def _num(v) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
+def _num_or_nan(v) -> float:
+    """``v`` as a float; anything that is no number (e.g. ``None``) as NaN."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _rounded(v: float | None) -> float | None:
-    """``v`` to 4 decimals for a log line; ``None`` (no finite value, e.g. a class absent from every case) kept."""
-    return None if v is None else round(v, 4)
+    """``v`` to 4 decimals for a log line; ``None`` or NaN (no finite value, e.g. a class absent from every case)
+    as ``None``."""
+    return None if v is None or not math.isfinite(float(v)) else round(float(v), 4)
 
 
-def _nanmean(t: torch.Tensor) -> float | None:
-    t = t[torch.isfinite(t)]
-    return float(t.mean()) if t.numel() else None
-
-
-def _stats(t: torch.Tensor) -> dict:
-    """``mean``, ``std`` (population) and count ``n`` of the finite values of ``t``; ``None`` without one."""
-    t = t[torch.isfinite(t)].double()
-    return {"mean": float(t.mean()) if t.numel() else None, "std": float(t.std(unbiased=False)) if t.numel() else None,
-            "n": int(t.numel())}
+def _rounded_value(v: float | Mapping[str, float]) -> float | None | dict:
+    """A metric value for a log line: a number, or a mapping of class name to number, rounded."""
+    return {k: _rounded(x) for k, x in v.items()} if isinstance(v, Mapping) else _rounded(_num_or_nan(v))
 
 
 class GradientClipping:

@@ -1,5 +1,5 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Image headers checked against size limits before any reader allocates an array (torch-free).
+"""Image headers checked against size limits before any reader allocates an array.
 
 A 54-byte NIfTI or NRRD header can declare 1500^3 voxels; MONAI's and nibabel's readers allocate (and zero-fill)
 the declared array before they notice that the data isn't there. :func:`check_image` reads only the header
@@ -9,8 +9,10 @@ decoded size or largest plane exceeds :class:`ImageLimits`, whose data type is n
 records), or whose data can't be what the header declares: an uncompressed file shorter than its data (truncated),
 or a gzip / bzip2 stream that inflates beyond the declared size plus a margin (a decompression bomb). Gzip streams
 are inflated chunk by chunk and counting stops at the budget, so the check runs in constant memory. Only then do
-the callers hand the file to the existing readers. :func:`safe_extract_zip` extracts a DICOM series zip with a
-budget on files, total size and compression ratio that counts the bytes actually written.
+the callers hand the file to the existing readers. DICOM headers are read through :mod:`scripts.dicom_io`: a
+folder's files are grouped by SeriesInstanceUID and the series that will be read is checked; colour images are
+refused. The NIfTI, NRRD and PIL checks import neither it nor torch. :func:`safe_extract_zip` extracts a DICOM
+series zip with a budget on files, total size and compression ratio that counts the bytes actually written.
 
 The errors live here, free of torch and server code, so that transforms can raise them: :class:`DataError` (a
 ``ValueError``), :class:`InputError` (``DataError`` with an HTTP ``status_code``, 422 by default, and inside a
@@ -325,57 +327,49 @@ def _nrrd_header(path: Path, name: str, limits: ImageLimits) -> ImageHeader:
     return h
 
 
-def _dicom_header(path: Path, name: str) -> ImageHeader:
-    import pydicom
-    from pydicom.filereader import read_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
+def _dicom_file(path: Path, name: str, limits: ImageLimits) -> ImageHeader:
+    """The checked header of one DICOM file (size first, then colour)."""
+    from scripts.dicom_io import check_greyscale, read_dicom_header
 
+    ds = read_dicom_header(path, name)
+    h = _check_declared(_dicom_image_header(ds, name), limits)
+    check_greyscale(ds, name)
+    return h
+
+
+def _dicom_image_header(ds, name: str, frames: int | None = None, files: int = 1) -> ImageHeader:
+    """The declared size of one DICOM image, or of a series of ``frames`` images like it."""
     try:
-        meta = read_file_meta_info(path)
-        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:  # dcmread would inflate it unbounded
-            raise InputError(f"{name}: deflate-compressed DICOM is not supported; send it uncompressed.")
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
         rows, cols = int(ds.Rows), int(ds.Columns)
-        frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1) if frames is None else frames
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits, signed = int(ds.get("BitsAllocated", 16) or 16), int(ds.get("PixelRepresentation", 0) or 0)
-    except InputError:
-        raise
     except AttributeError as e:
         raise InputError(f"{name}: a DICOM file without an image (no Rows / Columns).") from e
-    except Exception as e:  # pydicom raises InvalidDicomError, EOFError, ValueError, ...
-        raise InputError(f"{name}: could not be read as DICOM ({type(e).__name__}: {e}).") from e
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name}: a DICOM file with a malformed image header ({type(e).__name__}: {e}).") from e
     itemsize = {8: 1, 16: 2, 32: 4, 64: 8}.get(bits, 1)
     dtype = np.dtype(f"{'i' if signed else 'u'}{itemsize}")
     shape = (cols, rows, frames) + ((samples,) if samples > 1 else ())
-    return ImageHeader(name, "dicom", shape, (cols, rows, frames), dtype)
+    return ImageHeader(name, "dicom", shape, (cols, rows, frames), dtype, files)
 
 
-def _dicom_series(folder: Path, name: str, limits: ImageLimits) -> ImageHeader:
-    from pydicom.errors import InvalidDicomError
+def _dicom_series(folder: Path, name: str, limits: ImageLimits, series_uid: str | None = None) -> ImageHeader:
+    """The declared size of the series :func:`scripts.dicom_io.select_series` picks in ``folder`` (the largest, or
+    ``series_uid``): every file's header checked, the voxels counted over the series."""
+    from scripts.dicom_io import check_greyscale, select_series
 
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if len(files) > limits.max_files:
-        raise _too_large(name, "files in the series folder", len(files), limits.max_files, "files")
-    slices: list[ImageHeader] = []
+    series = select_series(folder, series_uid, limits, name)
     voxels = 0
-    for p in files:
-        try:
-            h = _dicom_header(p, f"{name}/{p.name}")
-        except InputError as e:
-            if isinstance(e.__cause__, InvalidDicomError):
-                continue  # not a DICOM file (a DICOMDIR's notes, a thumbnail): the readers skip it too
-            raise
-        _check_declared(h, limits)
-        slices.append(h)
+    for i, (p, ds) in enumerate(zip(series.files, series.headers)):
+        shown = f"{name}/{p.name}"
+        h = _check_declared(_dicom_image_header(ds, shown), limits)
+        check_greyscale(ds, shown)
         voxels += h.voxels
         if voxels > limits.max_voxels:
-            raise _too_large(name, f"{len(slices)} DICOM files so far", voxels, limits.max_voxels, "voxels")
-    if not slices:
-        raise InputError(f"{name}: the folder holds no DICOM image files.")
-    first = slices[0]
-    depth = sum(h.shape[2] for h in slices)
-    shape = (first.shape[0], first.shape[1], depth) + first.shape[3:]
-    return _check_declared(ImageHeader(name, "dicom", shape, shape[:3], first.dtype, len(slices)), limits)
+            raise _too_large(name, f"{i + 1} DICOM files so far", voxels, limits.max_voxels, "voxels")
+    first = _dicom_image_header(series.headers[0], name, frames=series.frames, files=len(series.files))
+    return _check_declared(first, limits)
 
 
 def _pil_header(path: Path, name: str, limits: ImageLimits) -> ImageHeader:
@@ -400,27 +394,36 @@ def _pil_header(path: Path, name: str, limits: ImageLimits) -> ImageHeader:
 _PIL_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
 
 
-def read_header(path: str | os.PathLike, limits: ImageLimits | Mapping | None = None, name: str | None = None) -> ImageHeader:
+def read_header(
+    path: str | os.PathLike,
+    limits: ImageLimits | Mapping | None = None,
+    name: str | None = None,
+    series_uid: str | None = None,
+) -> ImageHeader:
     """Read and check the header of one image file or DICOM series folder, without its data.
 
     Formats are told by their magic bytes (and ``.dcm`` / ``.nii`` suffixes): NIfTI-1/2 (``.nii``, ``.nii.gz``),
     NRRD (raw, gzip, bzip2, ascii; a detached data file must lie beside its header), DICOM files and series
-    folders, and PNG / JPEG / BMP / TIFF / GIF through PIL.
+    folders, and PNG / JPEG / BMP / TIFF / GIF through PIL. A folder's DICOM files are grouped by
+    SeriesInstanceUID (:func:`scripts.dicom_io.select_series`) and the series that would be read is checked: the
+    one named ``series_uid``, else the one with the most images. Colour DICOM images are refused.
 
     Args:
         path: the file or folder.
         limits: :class:`ImageLimits` (or a mapping of its fields); ``None``: the defaults.
         name: how messages name the file (default: the path); servers pass the client's file name.
+        series_uid: the SeriesInstanceUID to check in a DICOM folder; ``None``: the largest series.
 
     Raises:
         ImageTooLargeError: beyond ``limits`` (HTTP 413).
-        InputError: missing, empty, truncated, malformed, unsupported, or not real-valued (HTTP 422).
+        InputError: missing, empty, truncated, malformed, unsupported, colour, or not real-valued; a DICOM folder
+            without images, without the series ``series_uid``, or with images lacking SeriesInstanceUID (HTTP 422).
     """
     limits = ImageLimits.coerce(limits)
     path = Path(path)
     name = str(path) if name is None else name
     if path.is_dir():
-        return _dicom_series(path, name, limits)
+        return _dicom_series(path, name, limits, series_uid)
     if not path.is_file():
         raise InputError(f"{name}: the file does not exist.")
     with open(path, "rb") as f:
@@ -431,7 +434,7 @@ def read_header(path: str | os.PathLike, limits: ImageLimits | Mapping | None = 
     if head[:4] == b"NRRD":
         return _nrrd_header(path, name, limits)
     if head[128:132] == b"DICM" or lower.endswith(".dcm"):  # before PIL: a DICOM preamble may look like TIFF
-        return _check_declared(_dicom_header(path, name), limits)
+        return _dicom_file(path, name, limits)
     if head.startswith(_PIL_MAGIC):
         return _pil_header(path, name, limits)
     if head[:2] == b"\x1f\x8b" or lower.endswith((".nii", ".nii.gz")) or head[344:348] in (b"n+1\x00", b"ni1\x00"):
@@ -447,6 +450,7 @@ def check_image(
     limits: ImageLimits | Mapping | None = None,
     spatial_dims: int | None = None,
     name: str | None = None,
+    series_uid: str | None = None,
 ) -> list[ImageHeader]:
     """Check an image given as one path or a list of per-channel paths: every header and the totals.
 
@@ -455,6 +459,7 @@ def check_image(
         limits: see :func:`read_header`; the voxel and byte limits apply to the channels together.
         spatial_dims: 2 or 3 to refuse images of the other kind (see :func:`check_spatial_dims`); ``None`` skips.
         name: how messages name the image (default: the path or paths).
+        series_uid: see :func:`read_header`.
 
     Returns:
         the headers, one per file.
@@ -466,7 +471,7 @@ def check_image(
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
     if not paths:
         raise InputError(f"{name or 'image'}: an empty list of files.")
-    headers = [read_header(p, limits, str(p) if name is None or len(paths) > 1 else name) for p in paths]
+    headers = [read_header(p, limits, str(p) if name is None or len(paths) > 1 else name, series_uid) for p in paths]
     label = name or ", ".join(str(p) for p in paths)
     voxels, nbytes = sum(h.voxels for h in headers), sum(h.nbytes for h in headers)
     if voxels > limits.max_voxels:
@@ -496,7 +501,8 @@ def check_spatial_dims(spatial_shape: Sequence[int], spatial_dims: int | None, n
     if spatial_dims == 3 and extent < 3:
         raise InputError(
             f"{name}: a 2D image (spatial shape {shape}) but this model segments 3D volumes (spatial_dims=3); "
-            "send the whole volume (NIfTI, NRRD or a DICOM series), not a single slice."
+            "send the whole volume (NIfTI, NRRD, a DICOM series folder or a multi-frame DICOM file), not a single "
+            "slice; single slices go to the 2D lesion workflow (configs/hunet_inference.yaml, docs/lesion_workflow.md)."
         )
     if spatial_dims == 2 and extent > 2:
         raise InputError(

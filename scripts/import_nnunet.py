@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scripts.data import label_names
 from scripts.io_utils import atomic_torch_save
 from scripts.networks import MambaClinix, authors_network_kwargs, authors_state_dict_to_bundle
 from scripts.plan import write_plan
@@ -155,15 +156,14 @@ def _intensity(plans: Mapping, config: Mapping, channels: int, path: str | Path)
 
 def _labels(dataset: Mapping, path: str | Path) -> tuple[int, list[str]]:
     """(output channels, class names without background) of a dataset.json; the ``ignore`` label has no output."""
-    labels = dataset.get("labels")
-    if not isinstance(labels, Mapping) or not labels:
-        raise ValueError(f"{path}: dataset.json needs 'labels' (name -> value).")
-    if any(isinstance(v, (list, tuple)) for v in labels.values()) or dataset.get("regions_class_order") is not None:
+    if dataset.get("regions_class_order") is not None:
         raise ValueError(f"{path}: region-based labels (sigmoid outputs) are not supported; the bundle predicts classes.")
-    pairs = sorted((int(v), str(k)) for k, v in labels.items() if k != "ignore")
-    if [v for v, _ in pairs] != list(range(len(pairs))):
-        raise ValueError(f"{path}: label values must be 0..n-1, got {[v for v, _ in pairs]}.")
-    return len(pairs), [name for _, name in pairs[1:]]
+    names = label_names(dataset.get("labels"), str(path))
+    if not names:
+        raise ValueError(f"{path}: dataset.json needs 'labels' (name -> value).")
+    if list(names) != list(range(len(names))):
+        raise ValueError(f"{path}: label values must be 0..n-1, got {list(names)}.")
+    return len(names), [names[v] for v in range(1, len(names))]
 
 
 def nnunet_plan(

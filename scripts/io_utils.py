@@ -3,7 +3,9 @@
 
 Each writer writes a temporary file beside the target and renames it (:func:`atomic_path`), so a reader sees the
 previous file or the new one, never half of one: text, bytes, JSON (strict: NaN as ``null``), ``torch.save`` and
-NIfTI; :func:`safe_stem` makes output names from input names.
+NIfTI. Output names: :func:`safe_stem` makes a file stem from an input name, :func:`output_path` places each
+input's output under the output folder at the input's path relative to the inputs' common folder
+(:func:`common_root`), and :class:`OutputNames` keeps one run's names apart (a repeated name gets a number).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 
 __all__ = [
     "atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "json_safe", "atomic_torch_save",
-    "save_nifti_atomic", "safe_stem", "remove_stale_temp_files",
+    "save_nifti_atomic", "safe_stem", "common_root", "output_path", "OutputNames", "remove_stale_temp_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -182,6 +184,130 @@ def safe_stem(name: str | os.PathLike, default: str = "case") -> str:
             break
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")
     return base[:100] or default
+
+
+def _input_name(input_path: str | os.PathLike | Iterable[str | os.PathLike] | None) -> str:
+    """The path naming a case: the first of several (a multi-channel input), ``""`` for none."""
+    if isinstance(input_path, (list, tuple)):
+        input_path = input_path[0] if input_path else None
+    return "" if input_path is None else os.fspath(input_path)
+
+
+def common_root(input_paths: Iterable[str | os.PathLike | Iterable[str | os.PathLike]]) -> str | None:
+    """The inputs' common folder: the deepest folder holding every input (file or DICOM series folder), absolute.
+
+    One input gives its own folder, so its output keeps the flat name ``<stem>_<postfix>``; ``a/scan.nii.gz`` and
+    ``b/scan.nii.gz`` give their parent, so their outputs keep ``a/`` and ``b/``. A multi-channel input (a list of
+    files) counts by its first file, as :func:`output_path` names it.
+
+    Args:
+        input_paths: the inputs (e.g. the ``image`` entries of a datalist).
+
+    Returns:
+        the folder, or ``None`` when there are no inputs or they share no folder (different drives).
+    """
+    parents = [os.path.dirname(os.path.abspath(name)) for name in map(_input_name, input_paths) if name]
+    if not parents:
+        return None
+    try:
+        return os.path.commonpath(parents)
+    except ValueError:
+        return None
+
+
+def _safe_folder(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", part).strip(".") or "_"
+
+
+def output_path(
+    input_path: str | os.PathLike | Iterable[str | os.PathLike] | None,
+    output_dir: str | os.PathLike,
+    postfix: str = "seg",
+    suffix: str = ".nii.gz",
+    data_root_dir: str | os.PathLike | None = None,
+    index: int = 1,
+) -> Path:
+    """The output file of an input: ``<output_dir>/<relative folder>/<stem>[_<index>][_<postfix>]<suffix>``.
+
+    ``<stem>`` is :func:`safe_stem` of the input's name (a DICOM series folder ``study/series1/`` gives
+    ``series1``); ``<relative folder>`` is the input's folder relative to ``data_root_dir`` (the inputs' common
+    folder, :func:`common_root`), so ``a/scan.nii.gz`` and ``b/scan.nii.gz`` under root ``.`` give
+    ``<output_dir>/a/scan_seg.nii.gz`` and ``<output_dir>/b/scan_seg.nii.gz``. Without ``data_root_dir``, or for
+    an input outside it, the name is flat (``<output_dir>/<stem>_<postfix><suffix>``). Folder names are reduced to
+    ``[A-Za-z0-9._-]`` like the stem. ``index`` > 1 numbers a repeated name (:class:`OutputNames`):
+    ``scan_2_seg.nii.gz``.
+
+    Args:
+        input_path: the input's file or folder (a list: its first entry); ``None`` or ``""`` names it ``case``.
+        output_dir: the output folder.
+        postfix: appended to the stem after ``_`` (nothing when empty).
+        suffix: the file extension, with its dot (e.g. ``".nii.gz"``, ``".png"``, ``".dcm"``).
+        data_root_dir: the inputs' common folder.
+        index: the occurrence of this name in the run, from 1.
+
+    Returns:
+        the output path (its folder is not created).
+
+    Raises:
+        ValueError: for an index below 1.
+    """
+    if index < 1:
+        raise ValueError(f"index counts the occurrences of a name from 1, got {index}.")
+    name = _input_name(input_path)
+    stem = safe_stem(name)
+    folders: tuple[str, ...] = ()
+    if name and data_root_dir is not None:
+        rel = os.path.relpath(os.path.abspath(name), os.path.abspath(data_root_dir))
+        parts = Path(rel).parts[:-1]
+        if rel != os.curdir and ".." not in Path(rel).parts:
+            folders = tuple(_safe_folder(p) for p in parts)
+    stem += f"_{index}" if index > 1 else ""
+    return Path(output_dir, *folders, stem + (f"_{postfix}" if postfix else "") + suffix)
+
+
+class OutputNames:
+    """The output names of one run, kept apart: :meth:`claim` gives :func:`output_path`, or, when another input
+    of the run already has that name (the same file given twice, or names equal after :func:`safe_stem`), the
+    same name numbered ``_2``, ``_3``, ... after the stem, with a warning. An output written earlier in the run
+    is never overwritten; files of earlier runs are.
+
+    One instance serves one writer (the saver of one workflow owns one); writers that see the same inputs in the
+    same order (segmentation, overlay, DICOM SEG) number the same cases alike. :meth:`reset` starts a new run.
+
+    Args:
+        output_dir: the output folder.
+        data_root_dir: the inputs' common folder (:func:`common_root`); ``None``: flat names.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, data_root_dir: str | os.PathLike | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.data_root_dir = None if data_root_dir is None else os.fspath(data_root_dir)
+        self._claimed: set[str] = set()
+
+    def claim(
+        self,
+        input_path: str | os.PathLike | Iterable[str | os.PathLike] | None,
+        postfix: str = "seg",
+        suffix: str = ".nii.gz",
+    ) -> Path:
+        """Reserve and return the output path of ``input_path`` for this run (arguments of :func:`output_path`)."""
+        index = 1
+        while True:
+            path = output_path(input_path, self.output_dir, postfix, suffix, self.data_root_dir, index)
+            key = os.path.normcase(os.path.abspath(path))
+            if key not in self._claimed:
+                break
+            index += 1
+        self._claimed.add(key)
+        if index > 1:
+            first = output_path(input_path, self.output_dir, postfix, suffix, self.data_root_dir)
+            logger.warning("%s: its output name %s is already used in this run; writing %s instead",
+                           _input_name(input_path) or "case", first, path)
+        return path
+
+    def reset(self) -> None:
+        """Forget the names claimed so far (a new run)."""
+        self._claimed.clear()
 
 
 def remove_stale_temp_files(path: str | os.PathLike, min_age_s: float = 60.0) -> list[Path]:

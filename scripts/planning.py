@@ -28,6 +28,7 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
@@ -404,8 +405,10 @@ def extract_fingerprint(
     Returns:
         dict with ``n_cases`` (all training cases), ``n_cases_analyzed``, ``spatial_dims``, ``channels``, ``modalities``, per-case ``spacings`` and ``shapes``,
         ``median_spacing``, ``median_shape``, ``foreground_intensity`` (per channel: mean, std, percentile_00_5,
-        percentile_99_5), ``labels``, ``class_frequency`` (mean fraction of voxels per label) and ``target_ratio``
-        (per foreground label: mean / median / min over cases of label voxels / all voxels, the T/W ratio).
+        percentile_99_5), ``labels``, ``num_classes``, ``label_names`` (the datalist's ``labels`` as ``{value: name}``,
+        MSD or nnU-Net form, :func:`scripts.data.label_names`; ``None`` without), ``class_frequency`` (mean fraction
+        of voxels per label) and ``target_ratio`` (per foreground label: mean / median / min over cases of label
+        voxels / all voxels, the T/W ratio).
 
     Raises:
         scripts.data.DataError: a missing or unreadable datalist or case, naming the file (a ``ValueError``).
@@ -437,7 +440,9 @@ def extract_fingerprint(
             device="cpu",
             worker=0,
         )
-        stats = analyzer.get_all_case_stats(key="training")
+        with warnings.catch_warnings():  # DataAnalyzer builds Orientationd without `labels`; it offers no way to pass it
+            warnings.filterwarnings("ignore", message=r".*Orientationd\.__init__:labels", category=FutureWarning)
+            stats = analyzer.get_all_case_stats(key="training")
     by_case = _plain_keys(stats)["stats_by_cases"]
     if len(by_case) != len(cases):
         done = {c["image_filepath"] for c in by_case}
@@ -495,7 +500,10 @@ def _summarise(by_case: list[dict], datalist: Mapping[str, Any], modality: str |
         v: {"mean": float(fractions_arr[:, i].mean()), "median": float(np.median(fractions_arr[:, i])), "min": float(fractions_arr[:, i].min())}
         for i, v in enumerate(labels) if v != 0
     }
-    n_label_classes = len(datalist["labels"]) if isinstance(datalist.get("labels"), Mapping) else 0
+    from scripts.data import label_names
+
+    names = label_names(datalist.get("labels"))
+    n_label_classes = len(names) if names else 0
     return {
         "n_cases": len(by_case),
         "spatial_dims": len(shapes[0]),
@@ -508,6 +516,7 @@ def _summarise(by_case: list[dict], datalist: Mapping[str, Any], modality: str |
         "foreground_intensity": fg_stats,
         "labels": labels,
         "num_classes": max(len(labels), n_label_classes),
+        "label_names": names,
         "class_frequency": {v: float(fractions_arr[:, i].mean()) for i, v in enumerate(labels)},
         "target_ratio": target_ratio,
     }
@@ -780,15 +789,17 @@ def plan_experiment(
         target_spacing: use this spacing instead of the planned one (e.g. a coarser grid for a CPU demo).
 
     Returns:
-        the :class:`Plan`: spatial_dims, in_channels, out_channels, pixdim, patch_size, batch_size, features,
-        strides, kernel_sizes, block_types, hgcn_orders, num_regions, intensity_schemes and intensity_stats (the
-        other fields are left to the configs' defaults), and ``plan_info`` (fingerprint summary, memory estimate
+        the :class:`Plan`: spatial_dims, in_channels, out_channels, class_names (from the fingerprint's
+        ``label_names``, when the datalist has ``labels``), pixdim, patch_size, batch_size, features, strides,
+        kernel_sizes, block_types, hgcn_orders, num_regions, intensity_schemes and intensity_stats (the other fields
+        are left to the configs' defaults), and ``plan_info`` (fingerprint summary, memory estimate
         and the reasons in words). The deep-supervision weights follow from the number of stages
         (:func:`scripts.architecture.deep_supervision_weights`) and are not part of the plan.
 
     Raises:
-        ValueError: conflicting budgets, a budget too small for the minimum network, or ``spatial_dims`` other than
-            the data's.
+        ValueError: conflicting budgets, a budget too small for the minimum network, ``spatial_dims`` other than
+            the data's, or ``label_names`` that do not name the values ``0 .. num_classes - 1``
+            (:class:`scripts.data.DataError`).
     """
     if cpu and gpu_memory_gb is not None:
         raise ValueError("Give either gpu_memory_gb or cpu=True, not both.")
@@ -845,6 +856,15 @@ def plan_experiment(
 
     in_channels = int(fingerprint["channels"])
     out_channels = int(fingerprint.get("num_classes", len(fingerprint["labels"])))
+    names = fingerprint.get("label_names")
+    if names:
+        from scripts.data import class_names as _class_names
+
+        class_names = _class_names({int(k): str(v) for k, v in names.items()}, out_channels)
+        reasons.append(f"class names from the datalist's labels: {class_names}")
+    else:
+        class_names = NOT_SET
+        reasons.append("class names: the datalist has no 'labels'; the configs name the classes class_1, class_2, ...")
 
     def _estimate(p: list[int], bs: int) -> tuple[dict, dict, list[int]]:
         t = plan_topology(spacing, p, **topo_kw)
@@ -921,6 +941,7 @@ def plan_experiment(
         spatial_dims=dims,
         in_channels=in_channels,
         out_channels=out_channels,
+        class_names=class_names,
         pixdim=[round(s, 6) for s in spacing],
         patch_size=[int(p) for p in patch],
         batch_size=int(batch_size),

@@ -22,12 +22,13 @@ from monai.utils.misc import MAX_SEED
 
 from .hunet.report import lesion_report
 from .image_guard import InputError
-from .io_utils import atomic_write_json, safe_stem, save_nifti_atomic
+from .io_utils import OutputNames, atomic_write_json, save_nifti_atomic
 
 __all__ = [
     "NormalizeChannelsd",
     "SelectFullResolutiond",
     "AtomicSaveSegmentationd",
+    "LoadReferenced",
     "full_resolution",
     "nonzero",
     "RandRotateScaled",
@@ -135,13 +136,54 @@ class NormalizeChannelsd(MapTransform):
         return d
 
 
+class LoadReferenced(MapTransform):
+    """Replace each key's label map by the file it was loaded from, read again as stored: no reorientation, no
+    resampling, no crop. An evaluation compares the prediction inverted to the case's original geometry
+    (``Invertd``) with this reference, as nnU-Net evaluates, rather than with the label resampled to the
+    network's grid.
+
+    The file is the label map's ``filename_or_obj``; it is loaded channel-first with
+    :class:`monai.transforms.LoadImage` (the readers of the training pipeline), keeping its affine, so distances
+    are in the file's units (millimetres for NIfTI).
+
+    Args:
+        keys: keys of the label maps (MetaTensors that name their file).
+        allow_missing_keys: don't raise if a key is missing.
+
+    Raises:
+        ValueError: a label map that names no file.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        from monai.transforms import LoadImage
+
+        self.loader = LoadImage(ensure_channel_first=True, image_only=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            name = (getattr(d[key], "meta", None) or {}).get("filename_or_obj")
+            if isinstance(name, (list, tuple)):  # a collated batch of one
+                name = name[0] if len(name) == 1 else None
+            if not name:
+                raise ValueError(f"{key!r} names no file (meta data 'filename_or_obj'); the reference cannot be "
+                                 "read as stored.")
+            d[key] = self.loader(str(name))
+        return d
+
+
 class AtomicSaveSegmentationd(SaveImaged):
     """Save a label map as NIfTI in its own geometry, atomically, optionally with a lesion report beside it.
 
-    The file is ``<output_dir>/<stem>_<output_postfix>.nii.gz`` (``<stem>.nii.gz`` when the postfix is empty),
-    where ``<stem>`` is :func:`scripts.io_utils.safe_stem` of the case's ``filename_or_obj``, read from the
-    ``meta_key`` entry's meta data, else from the label map's own (``"case"`` when neither has one). It is
-    written under a temporary name in the output folder and renamed when complete
+    The file is :func:`scripts.io_utils.output_path` of the case's ``filename_or_obj`` (read from the
+    ``meta_key`` entry's meta data, else from the label map's own; ``"case"`` when neither has one):
+    ``<output_dir>/<folder relative to data_root_dir>/<stem>_<output_postfix>.nii.gz`` (``<stem>.nii.gz`` when the
+    postfix is empty), flat when ``data_root_dir`` is ``None``. The saver owns the run's names
+    (:class:`scripts.io_utils.OutputNames`): a name already written by this instance (the same input given twice,
+    or two inputs whose names are equal after :func:`scripts.io_utils.safe_stem`) gets a number after the stem
+    (``scan_2_seg.nii.gz``) and a warning, so no output of the run is overwritten; :meth:`reset_names` starts a
+    new run. It is written under a temporary name in the output folder and renamed when complete
     (:func:`scripts.io_utils.save_nifti_atomic`), with the label map's affine as it is (permuted and oblique
     axes too; a 2D affine is lifted to 3D; a plain tensor gets the identity). The label map is channel-first:
     one channel is dropped, several are stored along NIfTI's 4th axis. Integer output types get the values
@@ -150,8 +192,8 @@ class AtomicSaveSegmentationd(SaveImaged):
     (:class:`scripts.hunet.transforms.EnsureVolumed`) is saved as that ``(H, W, 1)`` volume.
 
     With ``report=True`` the label map's foreground is described by
-    :func:`scripts.hunet.report.lesion_report` (spacing from the affine) in ``<stem>_<output_postfix>_report.json``.
-    The paths are stored in the data under ``<key>_path`` and ``<key>_report_path``.
+    :func:`scripts.hunet.report.lesion_report` (spacing from the affine) in ``<stem>_<output_postfix>_report.json``
+    beside the mask. The paths are stored in the data under ``<key>_path`` and ``<key>_report_path``.
 
     Subclasses :class:`monai.transforms.SaveImaged`, so MONAI Label's post-transform filter recognises and drops
     it (MONAI Label writes its own result).
@@ -165,6 +207,8 @@ class AtomicSaveSegmentationd(SaveImaged):
             key is absent, has no meta data or is ``None``.
         report: write a lesion report beside each file.
         connectivity: neighbourhood of the report's lesion components (1, 2 or 3: 6-, 18-, 26-connected in 3D).
+        data_root_dir: the inputs' common folder (:func:`scripts.io_utils.common_root` of the datalist): each
+            output keeps its input's folder relative to it; ``None``: flat names.
         allow_missing_keys: don't raise if a key is missing.
 
     Raises:
@@ -180,6 +224,7 @@ class AtomicSaveSegmentationd(SaveImaged):
         meta_key: str | None = "image",
         report: bool = False,
         connectivity: int = 3,
+        data_root_dir: str | os.PathLike | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, output_dir=output_dir, output_postfix=output_postfix, output_dtype=output_dtype,
@@ -192,11 +237,18 @@ class AtomicSaveSegmentationd(SaveImaged):
         self.meta_key = meta_key
         self.report = report
         self.connectivity = connectivity
+        self.names = OutputNames(output_dir, data_root_dir)
+
+    def reset_names(self) -> None:
+        """Start a new run: names written before may be written again."""
+        self.names.reset()
 
     def _case_name(self, data: Mapping[Hashable, object], label: object) -> str:
         sources = [data.get(self.meta_key)] if self.meta_key is not None else []
         for src in [*sources, label]:
             name = (getattr(src, "meta", None) or {}).get("filename_or_obj")
+            if isinstance(name, (list, tuple)):  # several files of one case (channels)
+                name = name[0] if name else None
             if name:
                 return str(name)
         return ""
@@ -214,11 +266,11 @@ class AtomicSaveSegmentationd(SaveImaged):
         for key in self.key_iterator(d):
             label = d[key]
             name = self._case_name(d, label)
-            stem = safe_stem(name) + (f"_{self.postfix}" if self.postfix else "")
+            path = self.names.claim(name, self.postfix, ".nii.gz")
             affine = np.asarray(label.affine, dtype=np.float64) if isinstance(label, MetaTensor) else np.eye(4)
             affine = to_affine_nd(3, affine)
             mask = self._array(label)
-            out = save_nifti_atomic(mask, affine, self.out_dir / f"{stem}.nii.gz")
+            out = save_nifti_atomic(mask, affine, path)
             d[f"{key}_path"] = str(out)
             logger.info("saved %s", out)
             if self.report:
@@ -226,7 +278,8 @@ class AtomicSaveSegmentationd(SaveImaged):
                 rep = lesion_report(mask, spacing[: mask.ndim], connectivity=self.connectivity)
                 rep["source"] = Path(name).name
                 rep["mask_file"] = out.name
-                d[f"{key}_report_path"] = str(atomic_write_json(rep, self.out_dir / f"{stem}_report.json"))
+                report_path = path.with_name(path.name[: -len(".nii.gz")] + "_report.json")
+                d[f"{key}_report_path"] = str(atomic_write_json(rep, report_path))
         return d
 
 

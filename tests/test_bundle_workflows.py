@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigWorkflow
 
-from tests.utils import ROOT, TINY_PLAN, env_with_root, write_dataset
+from tests.utils import ROOT, TINY_PLAN, env_with_root, make_case, write_dataset
 
 CONFIGS = ROOT / "configs"
 META = str(CONFIGS / "metadata.json")
@@ -86,12 +86,17 @@ class TestBundleWorkflows(unittest.TestCase):
         metrics = json.loads((eval_dir / "metrics.json").read_text())
         self.assertEqual(len(metrics["cases"]), 1)
         self.assertIn("mean_dice", metrics)
-        for name in ("val_mean_dice", "val_mean_iou", "val_hd95", "val_sensitivity", "val_specificity"):
+        self.assertIn("mean over the classes", metrics["aggregation"])
+        self.assertEqual((metrics["hd95_unit"], metrics["geometry"][:26]), ("mm", "each case's original image"))
+        for name in ("dice", "iou", "hd95", "sensitivity", "specificity"):
             self.assertIn(name, metrics["summary"])
             self.assertEqual(set(metrics["summary"][name]["per_class"]), {"inner", "outer"})
+        self.assertAlmostEqual(metrics["mean_dice"], float(np.mean(list(metrics["summary"]["dice"]["per_class"].values()))))
         summary = json.loads((eval_dir / "summary.json").read_text())
         self.assertTrue(0.0 <= summary["mean_dice"] <= 1.0)
-        self.assertTrue((eval_dir / "metrics.csv").is_file())
+        header = (eval_dir / "metrics.csv").read_text().splitlines()[0].split(",")  # the same rows, the same names
+        self.assertEqual(header[:5], ["case", "image", "dice_inner", "dice_outer", "dice_mean"])
+        self.assertFalse(any(c.startswith("class") for c in header))
 
         # inference: segmentation in the input's geometry, uint8, with an overlay picture
         out_dir = self.tmp / "inference"
@@ -167,6 +172,43 @@ class TestBundleTools(unittest.TestCase):
                 # He-initialised logits reach ~20; the traced graph may pick other convolution kernels, whose float32
                 # rounding, through 4 stages and the norms, reaches ~1e-4 of the output range on a few voxels
                 torch.testing.assert_close(ts(x), y, atol=5e-4 * float(y.abs().max()), rtol=1e-4)
+
+
+    def test_inference_same_file_names_in_one_run(self):
+        """``python -m monai.bundle run inference`` on ``a/scan``, ``b/scan`` and ``a/scan`` again (a tmp bundle copy
+        with a tiny random model): three outputs, none overwritten."""
+        from scripts.networks import MambaClinix
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            bundle = tmp / "bundle"
+            shutil.copytree(CONFIGS, bundle / "configs")
+            shutil.copytree(ROOT / "scripts", bundle / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+            plan = {k: v for k, v in TINY_PLAN.items() if k not in ("num_regions", "batch_size", "class_names")}
+            (bundle / "configs" / "plan.yaml").write_text(json.dumps(plan))  # JSON is YAML
+            net = MambaClinix(3, 1, 3, features=plan["features"], kernel_size=plan["kernel_sizes"],
+                              strides=plan["strides"], block_types=plan["block_types"], hgcn_orders=plan["hgcn_orders"])
+            (bundle / "models").mkdir()
+            torch.save(net.state_dict(), bundle / "models" / "model.pt")
+            inputs = []
+            for seed, folder in enumerate(("a", "b")):
+                image, _, affine = make_case((20, 18, 16), seed)
+                (tmp / "in" / folder).mkdir(parents=True)
+                inputs.append(str(tmp / "in" / folder / "scan.nii.gz"))
+                nib.save(nib.Nifti1Image(image[0], affine), inputs[-1])
+            out = tmp / "out"
+            result = subprocess.run(
+                [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
+                 "['configs/inference.yaml','configs/plan.yaml']", "--meta_file", "configs/metadata.json",
+                 "--bundle_root", ".", "--device", "cpu", "--tta_mirror_axes", "None", "--save_overlay", "False",
+                 "--input_files", repr(inputs + inputs[:1]), "--output_dir", str(out)],
+                cwd=bundle, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+            self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+            written = sorted(str(p.relative_to(out)) for p in out.rglob("*.nii.gz"))
+            self.assertEqual(written, ["a/scan_2_seg.nii.gz", "a/scan_seg.nii.gz", "b/scan_seg.nii.gz"])
+            self.assertIn("already used in this run", result.stdout + result.stderr)
+            for name, src in (("a/scan_seg.nii.gz", inputs[0]), ("b/scan_seg.nii.gz", inputs[1])):
+                np.testing.assert_allclose(nib.load(str(out / name)).affine, nib.load(src).affine, atol=1e-5)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from scripts.checks.hostile import _nifti_header, address_space_cap
 from scripts.data import DataError, check_case, load_datalist, validate_datalist
 from scripts.image_guard import ImageTooLargeError, InputError
 from scripts.inferers import MirroringSlidingWindowInferer
-from scripts.io_utils import atomic_path, atomic_torch_save, atomic_write_json
+from scripts.io_utils import OutputNames, atomic_path, atomic_torch_save, atomic_write_json, common_root, output_path
 from scripts.transforms import AtomicSaveSegmentationd, NormalizeChannelsd, SelectFullResolutiond
 from tests.utils import make_case
 
@@ -287,6 +287,70 @@ class TestAtomicOutputs(unittest.TestCase):
             np.testing.assert_allclose(saved.affine, affine, atol=1e-6)
             np.testing.assert_array_equal(np.asarray(saved.dataobj), pred[0].numpy().astype(np.uint8))
             self.assertEqual(os.listdir(tmp), ["case7_seg.nii.gz"])
+
+
+
+def _pred(name, value=1):
+    return MetaTensor(torch.full((1, 4, 3, 2), float(value)), affine=torch.eye(4), meta={"filename_or_obj": name})
+
+
+class TestOutputNames(unittest.TestCase):
+    """Output names: each input's folder relative to the inputs' common folder, a number for a repeated name."""
+
+    @parameterized.expand([
+        ("one_file", ["/d/a/scan.nii.gz"], ["out/scan_seg.nii.gz"]),
+        ("same_folder", ["/d/x.nii.gz", "/d/y.nrrd"], ["out/x_seg.nii.gz", "out/y_seg.nii.gz"]),
+        ("same_name_two_folders", ["/d/a/scan.nii.gz", "/d/b/scan.nii.gz"],
+         ["out/a/scan_seg.nii.gz", "out/b/scan_seg.nii.gz"]),
+        ("nested", ["/d/scan.nii.gz", "/d/p 1/s/scan.nii.gz"], ["out/scan_seg.nii.gz", "out/p_1/s/scan_seg.nii.gz"]),
+        ("dicom_series_folder", ["/d/study/series1/"], ["out/series1_seg.nii.gz"]),
+        ("channels_by_first_file", [["/d/a/t1.nii.gz", "/e/t2.nii.gz"], ["/d/b/t1.nii.gz", "/e/t2.nii.gz"]],
+         ["out/a/t1_seg.nii.gz", "out/b/t1_seg.nii.gz"]),
+    ])
+    def test_relative_names(self, _, inputs, expected):
+        root = common_root(inputs)
+        self.assertEqual([str(output_path(i, "out", "seg", ".nii.gz", root)) for i in inputs], expected)
+
+    def test_flat_without_root_or_outside_it(self):
+        self.assertEqual(str(output_path("/d/a/scan.nii.gz", "out")), "out/scan_seg.nii.gz")
+        self.assertEqual(str(output_path("/e/scan.nii.gz", "out", "", ".nii.gz", "/d")), "out/scan.nii.gz")
+        self.assertEqual(str(output_path(None, "out", "overlay", ".png", index=3)), "out/case_3_overlay.png")
+        self.assertIsNone(common_root([]))
+        with self.assertRaisesRegex(ValueError, "from 1"):
+            output_path("a.nii", "out", index=0)
+
+    def test_claim_numbers_repeats_with_a_warning(self):
+        names = OutputNames("out", "/d")
+        with self.assertLogs("scripts.io_utils", "WARNING") as logs:
+            got = [str(names.claim(p)) for p in ("/d/a b.nii.gz", "/d/a_b.nii.gz", "/d/a b.nii.gz", "/d/a_b_2.nii")]
+        self.assertEqual(got, ["out/a_b_seg.nii.gz", "out/a_b_2_seg.nii.gz", "out/a_b_3_seg.nii.gz",
+                               "out/a_b_2_2_seg.nii.gz"])
+        self.assertEqual(len(logs.output), 3)
+        self.assertIn("already used in this run", logs.output[0])
+        self.assertEqual(str(names.claim("/d/a b.nii.gz", "overlay", ".png")), "out/a_b_overlay.png")
+        names.reset()
+        self.assertEqual(str(names.claim("/d/a b.nii.gz")), "out/a_b_seg.nii.gz")
+
+    def test_saver_same_file_name_in_two_folders(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            a, b = os.path.join(tmp, "in", "a", "scan.nii.gz"), os.path.join(tmp, "in", "b", "scan.nii.gz")
+            out = os.path.join(tmp, "out")
+            saver = AtomicSaveSegmentationd("pred", output_dir=out, data_root_dir=common_root([a, b]))
+            paths = [saver({"pred": _pred(a, 1)})["pred_path"], saver({"pred": _pred(b, 2)})["pred_path"]]
+            self.assertEqual(paths, [os.path.join(out, "a", "scan_seg.nii.gz"), os.path.join(out, "b", "scan_seg.nii.gz")])
+            self.assertEqual([int(np.asarray(nib.load(p).dataobj).max()) for p in paths], [1, 2])
+
+    def test_saver_repeated_input_never_overwrites(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            saver = AtomicSaveSegmentationd("pred", output_dir=tmp, report=True)
+            with self.assertLogs("scripts.io_utils", "WARNING"):
+                outs = [saver({"pred": _pred("/x/scan.nii.gz", v)}) for v in (1, 2)]
+            self.assertEqual([Path(o["pred_path"]).name for o in outs], ["scan_seg.nii.gz", "scan_2_seg.nii.gz"])
+            self.assertEqual([Path(o["pred_report_path"]).name for o in outs],
+                             ["scan_seg_report.json", "scan_2_seg_report.json"])
+            self.assertEqual([int(np.asarray(nib.load(o["pred_path"]).dataobj).max()) for o in outs], [1, 2])
+            saver.reset_names()  # a new run writes its names again
+            self.assertEqual(Path(saver({"pred": _pred("/x/scan.nii.gz")})["pred_path"]).name, "scan_seg.nii.gz")
 
 
 if __name__ == "__main__":

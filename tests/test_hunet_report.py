@@ -198,7 +198,7 @@ class TestCaseMetricsWriter(unittest.TestCase):
             engine.run(cases, max_epochs=1)
             result = json.loads((Path(tmp) / "metrics.json").read_text())
             csv_text = (Path(tmp) / "metrics.csv").read_text()
-        self.assertEqual(list(result)[:3], ["hd95_unit", "cases", "summary"])
+        self.assertEqual(list(result)[:4], ["hd95_unit", "aggregation", "cases", "summary"])  # the rule stated
         self.assertEqual([r["case"] for r in result["cases"]], ["a.nii.gz", "b.nii.gz"])
         self.assertEqual(result["cases"][0]["image"], "/d/a.nii.gz")
         self.assertAlmostEqual(result["cases"][0]["hd95"], 2.0)  # one voxel of 2 mm along the first axis

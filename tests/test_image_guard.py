@@ -34,6 +34,7 @@ from scripts.image_guard import (
     read_header,
     safe_extract_zip,
 )
+from tests.dicom_files import write_enhanced, write_rgb, write_series
 from tests.utils import ROOT, env_with_root
 
 BIG = (1500, 1500, 1500)
@@ -64,7 +65,11 @@ GOOD = {  # name -> (writer, expected shape)
     "nrrd gzip": (lambda p: _nrrd(p / "a.nrrd", np.ones((6, 5, 4), np.uint8), "gzip"), (6, 5, 4)),
     "nrrd bzip2": (lambda p: _nrrd(p / "a.nrrd", np.ones((6, 5, 4), np.uint8), "bzip2"), (6, 5, 4)),
     "dicom": (lambda p: _dicom(p / "a.dcm", 4, 6, 3, b"\0" * 144) or p / "a.dcm", (6, 4, 3)),
-    "dicom series": (lambda p: [_dicom(p / f"s{i}.dcm", 4, 6, 1, b"\0" * 48) for i in range(5)] and p, (6, 4, 5)),
+    "dicom series": (lambda p: write_series(p / "s", np.zeros((5, 4, 6), np.int16)) and p / "s", (6, 4, 5)),
+    "dicom two series": (lambda p: (write_series(p / "s", np.zeros((5, 4, 6), np.int16), prefix="A"),
+                                    write_series(p / "s", np.zeros((7, 3, 2), np.int16), prefix="B")) and p / "s",
+                         (2, 3, 7)),
+    "dicom multi-frame": (lambda p: write_enhanced(p / "e.dcm", np.zeros((5, 4, 6), np.int16)), (6, 4, 5)),
     "png": (lambda p: _png(p / "a.png", 7, 3) or p / "a.png", (7, 3)),
 }
 
@@ -95,6 +100,14 @@ UNUSABLE = {  # name -> (writer, fragment of the message)
     "detached outside": (lambda p: _w(p / "d.nrrd", 
         _nrrd_header((4, 4, 4), extra="data file: ../../../../etc/passwd\n")), "outside"),
     "not dicom": (lambda p: _w(p / "x.dcm", b"\0" * 300), "DICOM"),
+    "rgb dicom": (lambda p: write_rgb(p / "rgb.dcm"), "a colour image"),
+    "rgb multi-frame dicom": (lambda p: write_rgb(p / "rgb.dcm", 8, 8, frames=4), "a colour image"),
+    "rgb dicom series": (lambda p: [write_rgb(p / "s" / f"{i}.dcm", 8, 8) for i in range(3)] and p / "s",
+                         "a colour image"),
+    "dicom without series uid": (lambda p: write_series(p / "s", np.zeros((3, 4, 4), np.int16), series_uid=None)
+                                 and p / "s", "without SeriesInstanceUID"),
+    "dicom folder without images": (lambda p: (p / "s").mkdir() or _w(p / "s" / "notes.txt", b"hi").parent,
+                                    "no DICOM image"),
     "bad png": (lambda p: _w(p / "x.png", b"\x89PNG\r\n\x1a\n" + b"junk" * 5), "2D image"),
 }
 
@@ -184,6 +197,45 @@ class TestSpatialDims(unittest.TestCase):
             check_spatial_dims(shape, dims, "img.nii.gz")
         self.assertIn("img.nii.gz", str(ctx.exception))
         self.assertIn(str(shape), str(ctx.exception))
+
+
+class TestDicomHeaders(_TmpCase):
+    """DICOM folders are checked per series (the one that will be read); single slices and colour are refused."""
+
+    def _two_series(self) -> tuple[Path, str, str]:
+        big = write_series(self.tmp / "s", np.zeros((6, 4, 5), np.int16), prefix="A", description="big")
+        small = write_series(self.tmp / "s", np.zeros((3, 4, 5), np.int16), prefix="B", description="small")
+        uid = lambda files: str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        return self.tmp / "s", uid(big), uid(small)
+
+    def test_series_uid(self):
+        folder, big, small = self._two_series()
+        self.assertEqual(check_image(folder, spatial_dims=3)[0].shape, (5, 4, 6))
+        self.assertEqual(check_image(folder, spatial_dims=3, series_uid=small)[0].shape, (5, 4, 3))
+        with self.assertRaises(InputError) as ctx:
+            check_image(folder, series_uid="1.2.3")
+        self.assertIn("1.2.3", str(ctx.exception))
+        self.assertIn(big, str(ctx.exception))
+        self.assertIn(small, str(ctx.exception))
+
+    @parameterized.expand([("file",), ("folder",)])
+    def test_single_slice_suggests_2d_workflow(self, kind):
+        files = write_series(self.tmp / "s", np.zeros((1, 8, 8), np.int16))
+        target = files[0] if kind == "file" else self.tmp / "s"
+        with self.assertRaises(InputError) as ctx:
+            check_image(target, spatial_dims=3)
+        message = str(ctx.exception)
+        self.assertTrue(message.startswith(str(target)), message)
+        self.assertIn("multi-frame DICOM file", message)
+        self.assertIn("configs/hunet_inference.yaml", message)
+        self.assertEqual(len(message.splitlines()), 1)
+        check_image(target)  # the 2D lesion workflow (spatial_dims None / 2) takes it
+
+    def test_colour_bomb_is_too_large(self):
+        """The size is checked before the colour: a colour header declaring 65535^2 x 1000 pixels is a 413."""
+        path = write_rgb(self.tmp / "big.dcm", 65535, 65535, frames=1000, pixels=b"\0\0")
+        with self.assertRaises(ImageTooLargeError):
+            read_header(path)
 
 
 class TestSafeExtractZip(_TmpCase):

@@ -28,8 +28,8 @@ WORKFLOWS = {"train": ("train.yaml", "evaluate.yaml"), "inference": ("inference.
 """Each workflow: its self-contained config first, then the overrides that are merged over it."""
 
 # the plan keys each workflow needs, written out by hand: the training workflow reads class_names in evaluation
-# and tta_mirror_axes too (evaluate.yaml sets its default); the inference config needs no batch size, RS grid or
-# class names
+# and tta_mirror_axes too (evaluate.yaml sets its default); the inference config needs no batch size or RS grid
+# (its class names name the overlay's legend)
 COMMON_KEYS = {
     "spatial_dims", "in_channels", "out_channels", "pixdim", "axcodes", "spatial_axes_order", "patch_size", "features",
     "strides", "kernel_sizes", "block_types", "hgcn_orders", "intensity_schemes", "intensity_stats",
@@ -37,10 +37,14 @@ COMMON_KEYS = {
 }
 NEEDS = {
     "train": COMMON_KEYS | {"batch_size", "num_regions", "class_names", "tta_mirror_axes"},
-    "inference": COMMON_KEYS | {"tta_mirror_axes"},
+    "inference": COMMON_KEYS | {"class_names", "tta_mirror_axes"},
 }
-# the demo plan each self-contained config writes out as values (tta_mirror_axes is an expression of spatial_dims)
-DEMO_KEYS = {"train": COMMON_KEYS | {"batch_size", "num_regions", "class_names"}, "inference": COMMON_KEYS}
+# the demo plan each self-contained config writes out as values (tta_mirror_axes is an expression of spatial_dims,
+# class_names one of the datalist: its 'labels', scripts.data.datalist_class_names)
+DEMO_KEYS = {
+    "train": COMMON_KEYS | {"batch_size", "num_regions"},
+    "inference": COMMON_KEYS,
+}
 # what `python -m scripts.plan` writes; the others keep the configs' defaults (RAS, no TTA change, ...)
 PLANNER_KEYS = {
     "spatial_dims", "in_channels", "out_channels", "pixdim", "patch_size", "batch_size", "features", "strides",
@@ -84,8 +88,10 @@ def keys_defined(workflow: str) -> set[str]:
 
 
 def full_plan() -> Plan:
-    """The demo plan of train.yaml with every optional field set."""
-    return dataclasses.replace(Plan.from_config(load_config("train.yaml")), tta_mirror_axes=[0, 1, 2])
+    """The demo plan of train.yaml with every optional field set (class_names: the demo datalist's labels)."""
+    demo = {k: v for k, v in load_config("train.yaml").items() if k != "class_names"}
+    return dataclasses.replace(Plan.from_config(demo), class_names=["grey_matter", "white_matter"],
+                               tta_mirror_axes=[0, 1, 2])
 
 
 class TestPlanKeys(unittest.TestCase):

@@ -284,6 +284,26 @@ class TestFingerprintAndCLI(unittest.TestCase):
         self.assertAlmostEqual(info["target_ratio"][1]["mean"], (12 * 12 * 7 - 4 * 4 * 3) / (32 * 32 * 24), places=5)
         self.assertAlmostEqual(info["target_ratio"][2]["mean"], 4 * 4 * 3 / (32 * 32 * 24), places=5)
 
+    @parameterized.expand([
+        ("msd", {"0": "background", "1": "liver", "2": "tumour"}),
+        ("nnunet", {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}),
+    ])
+    def test_class_names_from_the_datalist_labels(self, _, labels):
+        datalist = os.path.join(self.root, f"datalist_{_}.json")
+        with open(datalist, "w") as f:
+            json.dump({"labels": labels, "training": self.cases[:1]}, f)
+        out = os.path.join(self.root, f"plan_{_}.yaml")
+        main(["--datalist", datalist, "--dataset_dir", self.root, "--output", out, "--cpu", "--max_features", "32"])
+        with open(out) as f:
+            self.assertEqual(yaml.safe_load(f)["class_names"], ["liver", "tumour"])
+
+    def test_labels_that_miss_a_class(self):
+        with self.assertRaisesRegex(ValueError, r"names the values \[0, 1\] but out_channels 3"):
+            plan_experiment(make_fingerprint((1, 1, 1), (64, 64, 64), ncls=3) | {"label_names": {0: "bg", 1: "a"}})
+
+    def test_no_labels_no_class_names(self):
+        self.assertNotIn("class_names", plan_experiment(make_fingerprint((1, 1, 1), (64, 64, 64))).to_config())
+
     def test_modality_override(self):
         fp = extract_fingerprint(self.datalist, self.root, modality="MR", max_cases=2)
         self.assertEqual(fp["modalities"], ["MR", "MR"])

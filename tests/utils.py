@@ -90,3 +90,38 @@ def torchrun_training_command(tmp, dataset_dir, datalist, nproc=2, **overrides):
     for k, v in {**TINY_PLAN, **overrides}.items():
         args += [f"--{k}", json.dumps(v)]
     return args
+
+
+def tiny_inference_bundle(folder) -> Path:
+    """A copy of the bundle in ``folder/bundle`` (configs, scripts) with ``TINY_PLAN`` as ``configs/plan.yaml`` and
+    a random model of that plan as ``models/model.pt``, for subprocess runs of the inference config."""
+    import shutil
+
+    import torch
+
+    from scripts.networks import MambaClinix
+
+    bundle = Path(folder) / "bundle"
+    shutil.copytree(ROOT / "configs", bundle / "configs")
+    shutil.copytree(ROOT / "scripts", bundle / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    plan = {k: v for k, v in TINY_PLAN.items() if k not in ("num_regions", "batch_size")}
+    (bundle / "configs" / "plan.yaml").write_text(json.dumps(plan))  # JSON is YAML
+    net = MambaClinix(3, plan["in_channels"], plan["out_channels"], features=plan["features"],
+                      kernel_size=plan["kernel_sizes"], strides=plan["strides"], block_types=plan["block_types"],
+                      hgcn_orders=plan["hgcn_orders"])
+    (bundle / "models").mkdir()
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+def run_inference(bundle, input_files, output_dir, *args, timeout=600):
+    """``python -m monai.bundle run inference`` of a :func:`tiny_inference_bundle` on CPU without TTA, with further
+    ``--key value`` ``args``; the completed process (stdout and stderr as text)."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
+         "['configs/inference.yaml','configs/plan.yaml']", "--meta_file", "configs/metadata.json",
+         "--bundle_root", ".", "--device", "cpu", "--tta_mirror_axes", "None",
+         "--input_files", repr([str(f) for f in input_files]), "--output_dir", str(output_dir), *args],
+        cwd=bundle, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)

@@ -7,6 +7,7 @@ and the masks with their reports with :class:`scripts.transforms.AtomicSaveSegme
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -113,13 +114,16 @@ def case_metrics(
     hd95 = float("nan")
     if p.any() and g.any():
         sp = None if spacing is None else [float(s) for s in spacing][: p.ndim]
-        hd = compute_hausdorff_distance(
-            torch.as_tensor(p[None, None]),
-            torch.as_tensor(g[None, None]),
-            include_background=True,
-            percentile=95,
-            spacing=sp,
-        )
+        # MONAI 1.6 passes its own deprecated argument inside compute_hausdorff_distance: nothing to change here
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*get_mask_edges:always_return_as_numpy", FutureWarning)
+            hd = compute_hausdorff_distance(
+                torch.as_tensor(p[None, None]),
+                torch.as_tensor(g[None, None]),
+                include_background=True,
+                percentile=95,
+                spacing=sp,
+            )
         hd95 = float(hd.item())
     return {
         "iou": tp / union if union else 1.0,

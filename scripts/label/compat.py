@@ -72,14 +72,18 @@ class SafeSpacingd(Spacingd):
 
 
 class LoadImageCheckedd(LoadImaged):
-    """:class:`monai.transforms.LoadImaged` that checks each file's header first and reports unusable inputs as
-    :class:`InputError`.
+    """:class:`monai.transforms.LoadImaged` that checks each file's header first, reads DICOM with
+    :class:`scripts.dicom_io.DicomVolumeReader` and reports unusable inputs as :class:`InputError`.
 
     Before any reader runs, :func:`scripts.image_guard.check_image` refuses an image beyond ``limits`` (413) and a
-    missing, empty, truncated, malformed, complex-valued or (with ``spatial_dims``) 2D-for-3D file (422); after
-    reading, a file that no reader can read, the wrong number of spatial axes and (with ``in_channels``) the wrong
-    channel count raise :class:`InputError` naming the file and the fix. Use ``ensure_channel_first=True`` so the
-    channel count is the first dimension.
+    missing, empty, truncated, malformed, complex-valued, colour DICOM or (with ``spatial_dims``) 2D-for-3D file
+    (422); after reading, a file that no reader can read, the wrong number of spatial axes and (with
+    ``in_channels``) the wrong channel count raise :class:`InputError` naming the file and the fix. DICOM inputs
+    (series folders, ``.dcm`` files) are read by :class:`scripts.dicom_io.DicomVolumeReader`, registered when the
+    first DICOM input comes (NIfTI-only runs never import :mod:`scripts.dicom_io`): a folder's series
+    ``series_uid``, else its largest series; classic series and enhanced multi-frame images alike; the meta data
+    records the source of every slice for :class:`scripts.dicom_io.SaveDicomSegd`. Use
+    ``ensure_channel_first=True`` so the channel count is the first dimension.
 
     Args:
         keys: keys of the images to load.
@@ -87,6 +91,7 @@ class LoadImageCheckedd(LoadImaged):
         spatial_dims: 3 refuses 2D images (``(X, Y)`` or ``(X, Y, 1)``), 2 refuses 3D volumes; ``None`` skips.
         limits: :class:`scripts.image_guard.ImageLimits`, or a mapping of its fields (a config's ``image_limits``);
             ``None``: the defaults.
+        series_uid: SeriesInstanceUID to read from DICOM folders holding several series; ``None``: the largest.
         kwargs: the other arguments of ``LoadImaged``.
     """
 
@@ -96,6 +101,7 @@ class LoadImageCheckedd(LoadImaged):
         in_channels: int | None = None,
         spatial_dims: int | None = None,
         limits: ImageLimits | Mapping | None = None,
+        series_uid: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(keys, **kwargs)
@@ -106,14 +112,27 @@ class LoadImageCheckedd(LoadImaged):
         self.in_channels = None if in_channels is None else int(in_channels)
         self.spatial_dims = spatial_dims
         self.limits = ImageLimits.coerce(limits)
+        self.series_uid = str(series_uid) if series_uid else None
+        self._dicom_reader = None
+
+    def _register_dicom_reader(self) -> None:
+        if self._dicom_reader is None:
+            from scripts.dicom_io import DicomVolumeReader
+
+            self._dicom_reader = DicomVolumeReader(self.series_uid, self.limits)
+            self.register(self._dicom_reader)  # tried before MONAI's own readers, for DICOM inputs only
 
     def __call__(self, data, reader=None):
         names = {k: data.get(k) for k in self.keys if k in data}
         for name in names.values():
             if isinstance(name, (str, os.PathLike, list, tuple)):
-                check_image(name, self.limits, self.spatial_dims)
+                headers = check_image(name, self.limits, self.spatial_dims, series_uid=self.series_uid)
+                if any(h.format == "dicom" for h in headers):
+                    self._register_dicom_reader()
         try:
             d = super().__call__(data, reader)
+        except InputError:  # the DICOM reader's own message, naming the file
+            raise
         except Exception as e:  # readers raise many types for unreadable files
             raise InputError(
                 f"{', '.join(str(n) for n in names.values())} could not be read as an image ({type(e).__name__}: {e}); "
