@@ -10,7 +10,7 @@ DEMO_EPOCHS ?= 12
 DEMO_ITERS ?= 12
 DEMO_VAL ?= 4
 
-.PHONY: setup data plan train evaluate inference demo test clean-demo label-server test-label
+.PHONY: setup data plan train evaluate inference demo test test-cuda-paths clean-demo label-server test-label
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
+
+# the CUDA code paths on CPU: mamba-ssm / causal-conv1d built without kernels in .venv-cuda-ref, their reference
+# functions substituted for the kernels (tests/cuda_reference.py)
+test-cuda-paths:
+	bash scripts/checks/setup_cuda_ref_env.sh
+	.venv-cuda-ref/bin/python -m pytest -q -p no:cacheprovider --timeout 900 -W ignore::DeprecationWarning tests/test_cuda_paths.py
 
 clean-demo:
 	rm -rf models/*.pt runs eval configs/plan.yaml

@@ -17,13 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .initialization import init_dt_projection_, resolve_dt_rank, ssm_state_parameters
-from .selective_scan import mamba_ssm_op, selective_scan
+from .selective_scan import mamba_ssm_op, on_kernel_device, selective_scan
 
 __all__ = ["Mamba", "fused_mamba_available"]
 
 logger = logging.getLogger(__name__)
 
 _LOGGED_PATHS: set[str] = set()
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes mamba-ssm's kernels take
+_FUSED_CONV_WIDTHS = (2, 4)  # the kernel widths causal-conv1d supports
 
 
 def _fused_mamba_inner_fn() -> Callable | None:
@@ -64,7 +66,8 @@ class Mamba(nn.Module):
         dt_init_floor: lower clamp of the initial time steps.
         conv_bias: bias of the depthwise convolution.
         bias: bias of the input and output projections.
-        use_fast_path: use the fused CUDA kernel when available (CUDA tensors only).
+        use_fast_path: use the fused CUDA kernel when available (CUDA tensors in float32, float16 or bfloat16, and
+            ``d_conv`` from 2 to 4, as causal-conv1d requires; otherwise the pure path runs).
         layer_idx: layer index (kept for mamba-ssm compatibility; inference caches are not supported).
         device: device of the parameters.
         dtype: dtype of the parameters.
@@ -124,6 +127,17 @@ class Mamba(nn.Module):
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
 
+    def _fused_path_fits(self, xz: torch.Tensor) -> bool:
+        """Whether ``mamba_inner_fn`` can take this call: kernel-device tensors, a dtype its kernels accept
+        (float32, float16, bfloat16; float64 runs the pure path) and a convolution width causal-conv1d supports
+        (2 to 4)."""
+        return (
+            self.use_fast_path
+            and on_kernel_device(xz.device)
+            and xz.dtype in _FUSED_DTYPES
+            and _FUSED_CONV_WIDTHS[0] <= self.d_conv <= _FUSED_CONV_WIDTHS[1]
+        )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Mix the tokens of ``hidden_states`` (batch, length, d_model)."""
         if not torch.jit.is_tracing() and (hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model):
@@ -131,7 +145,7 @@ class Mamba(nn.Module):
         length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, length)
         A = -torch.exp(_at_least_float32(self.A_log))
-        fused = _fused_mamba_inner_fn() if self.use_fast_path and xz.is_cuda else None
+        fused = _fused_mamba_inner_fn() if self._fused_path_fits(xz) else None
         if fused is not None and not torch.jit.is_tracing():
             _log_path_once("fused CUDA")
             return fused(

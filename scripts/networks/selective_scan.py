@@ -44,9 +44,11 @@ __all__ = [
     "BACKWARD_STATE_BUDGET",
     "DEFAULT_CHUNK_SIZE",
     "ENV_VAR",
+    "KERNEL_DEVICE_TYPES",
     "SCAN_BACKENDS",
     "cuda_scan_available",
     "mamba_ssm_op",
+    "on_kernel_device",
     "resolve_backend",
     "selective_scan",
 ]
@@ -65,7 +67,16 @@ DEFAULT_CHUNK_SIZE = 64
 BACKWARD_STATE_BUDGET = 1 << 22
 """Most hidden-state elements the ``"chunked"`` backward stores at once (4M float32 = 16 MiB)."""
 
+KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+"""Device types whose tensors go to mamba-ssm's and causal-conv1d's fused ops. The compiled kernels take CUDA tensors
+only; ``tests/cuda_reference.py`` adds ``"cpu"`` while it substitutes the packages' reference functions for them."""
+
 _LOGGED_BACKENDS: set[str] = set()
+
+
+def on_kernel_device(device: torch.device | str) -> bool:
+    """Whether tensors on ``device`` may be handed to the fused ops (:data:`KERNEL_DEVICE_TYPES`)."""
+    return torch.device(device).type in KERNEL_DEVICE_TYPES
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +120,7 @@ def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> 
     name = backend.lower() if isinstance(backend, str) else backend
     if name not in SCAN_BACKENDS:
         raise ValueError(f"Unknown selective-scan backend {backend!r} (from the {source}); use one of {SCAN_BACKENDS}.")
-    on_cuda = torch.device(device).type == "cuda"
+    on_cuda = on_kernel_device(device)
     if name == "auto":
         name = "cuda" if on_cuda and _mamba_selective_scan_fn() is not None else "chunked"
     elif name == "cuda" and not (on_cuda and _mamba_selective_scan_fn() is not None):
@@ -389,7 +400,7 @@ def _scan_cuda(
 ) -> torch.Tensor:
     """mamba-ssm's fused kernel on float32 copies (its documented ``selective_scan_fn`` signature)."""
     scan_fn = _mamba_selective_scan_fn()
-    if scan_fn is None or u.device.type != "cuda":  # guarded by resolve_backend; never reached on CPU tensors
+    if scan_fn is None or not on_kernel_device(u.device):  # guarded by resolve_backend
         raise ValueError("The 'cuda' selective-scan backend needs CUDA tensors and mamba-ssm; use 'chunked'.")
 
     def f32(t: torch.Tensor | None) -> torch.Tensor | None:
