@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import unittest
 from unittest import mock
@@ -11,6 +12,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from parameterized import parameterized
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from scripts.networks.selective_scan import ENV_VAR, selective_scan
 
@@ -62,6 +64,19 @@ def make_inputs(batch, d, n, length, groups, with_d, with_z, with_bias, seed=0, 
         inputs["A"] = torch.full((d, n), -50.0)
         inputs["delta"] = 5.0 + torch.rand(batch, d, length, generator=gen)
     return inputs
+
+
+class _ComputeOpCounter(TorchDispatchMode):
+    """Counts the ATen ops that compute or write (views are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable or not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def rel_err(a, b):
@@ -197,6 +212,20 @@ class TestSelectiveScan(unittest.TestCase):
         inputs.update(override)
         with self.assertRaises(ValueError):
             selective_scan(**inputs)
+
+    @parameterized.expand([(64,), (1024,), (4096,)])
+    def test_operations_grow_with_the_square_root_of_the_length(self, length):
+        # on a machine whose cores are shared, each small multithreaded op waits for the others: the chunked scan
+        # must cost O(sqrt(L)) ops (the two recurrences), not O(chunk) ops per step
+        inputs = make_inputs(1, 8, 4, length, None, False, False, False)
+        with torch.no_grad(), _ComputeOpCounter() as forward:
+            selective_scan(**inputs, backend="chunked")
+        leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if v is not None}
+        with _ComputeOpCounter() as training:
+            selective_scan(**leaves, backend="chunked").sum().backward()
+        root = math.sqrt(length)
+        self.assertLess(forward.count, 3 * root + 40)
+        self.assertLess(training.count, 8 * root + 120)
 
     def test_softplus_matches_torch(self):
         # guards the reference's written-out softplus against torch's

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CPU_FLAGS_OF_INTEREST", "describe_machine", "summarize_machine"]
+__all__ = ["CPU_FLAGS_OF_INTEREST", "describe_machine", "load_average", "summarize_machine"]
 
 CPU_FLAGS_OF_INTEREST = ("avx512_bf16", "amx", "avx512f", "avx2")
 """Prefixes of the ``/proc/cpuinfo`` flags recorded: the vector and matrix units PyTorch's CPU kernels use."""
@@ -32,6 +32,14 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
     return cpu, sorted(flags)
 
 
+def load_average() -> list[float]:
+    """The system load average over 1, 5 and 15 minutes (``os.getloadavg``); empty where unavailable."""
+    try:
+        return [float(v) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
 def describe_machine(device: torch.device | str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """Describe this machine and software for a results file.
 
@@ -50,10 +58,6 @@ def describe_machine(device: torch.device | str = "cpu", threads: int | None = N
     import monai
 
     cpu, flags = _cpu_model_and_flags()
-    try:
-        load = [float(v) for v in os.getloadavg()]
-    except OSError:
-        load = []
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_flags": flags,
@@ -65,7 +69,7 @@ def describe_machine(device: torch.device | str = "cpu", threads: int | None = N
         "monai": monai.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load_average": load,
+        "load_average": load_average(),
     }
     if torch.device(device).type == "cuda":
         from scripts.networks.selective_scan import cuda_scan_available

@@ -7,7 +7,8 @@ A model name is a base name (a key of :data:`MODELS`) with optional ``+`` option
 MambaClinix models also ``+cf`` (``channels_last=False``: channels-first memory, PyTorch's default; MambaClinix itself
 runs channels-last on CPU), ``+ckpt`` (``gradient_checkpointing=True``, by sub-step), ``+ckptblock``
 (``gradient_checkpointing="block"``) and ``+naive`` / ``+chunked`` / ``+cuda`` (scan backend), e.g.
-``mambaclinix+cf+bf16``. :func:`build_model` applies the options that change the network; the memory-format,
+``mambaclinix+cf+bf16``. ``authors`` is the authors' own network, built only where their code is installed
+(:mod:`scripts.benchmark.peers`). :func:`build_model` applies the options that change the network; the memory-format,
 autocast and compile options are applied by :class:`scripts.benchmark.workload.Workload`.
 """
 
@@ -53,6 +54,8 @@ MODELS = {
     "dynunet": "MONAI DynUNet (residual), the same nnU-Net topology: filters (32..320), kernels 3, strides (1,2,2,2,2,2)",
     "swinunetr": "MONAI SwinUNETR, feature_size 48",
     "segresnet": "MONAI SegResNet, init_filters 16, blocks_down (1,2,2,4) (as the MONAI BraTS bundle)",
+    "authors": "the authors' MambaClinix (github CYB08/MambaClinix-PyTorch, when installed: scripts.benchmark.peers), "
+    "default plan",
 }
 """Base model names and what they build (in 1 channel, out 2 classes)."""
 
@@ -116,6 +119,7 @@ def build_model(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Mo
     Raises:
         ValueError: an unknown name or option, a MambaClinix-only option on another model, or two options that
             exclude each other (``+cf`` with ``+cl``, ``+ckpt`` with ``+ckptblock``).
+        ImportError: ``authors`` where the authors' code is not installed (:mod:`scripts.benchmark.peers`).
     """
     from monai.networks.nets import DynUNet, SegResNet, SwinUNETR
 
@@ -147,6 +151,10 @@ def build_model(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Mo
             3, in_channels, out_channels, kernel_size=[3] * 6, strides=list(DEFAULT_STRIDES),
             upsample_kernel_size=list(DEFAULT_STRIDES[1:]), filters=list(DEFAULT_FEATURES), res_block=True,
         )
+    elif base == "authors":
+        from scripts.benchmark.peers import build_authors_network
+
+        model = build_authors_network(in_channels, out_channels)
     elif base == "swinunetr":
         model = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=48, spatial_dims=3)
     else:

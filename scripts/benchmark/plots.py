@@ -46,7 +46,8 @@ def scaling_plot(result: dict[str, Any]) -> Any | None:
 
 
 def latency_plot(result: dict[str, Any], key: str = "forward") -> Any | None:
-    """Bar chart of the ``key`` (``"forward"`` or ``"train"``) median latency per model, grouped by patch edge."""
+    """Bar chart of the ``key`` (``"forward"`` or ``"train"``) median latency per model, grouped by patch edge, with
+    the range over the rounds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,8 +69,13 @@ def latency_plot(result: dict[str, Any], key: str = "forward") -> Any | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(sizes) / 2), 4))
     width = 0.8 / len(models)
     for i, name in enumerate(models):
-        vals = [result["models"][name]["sizes"].get(str(s), {}).get(key, {}).get("median_s", np.nan) for s in sizes]
-        ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=name, color=colours[i])
+        timings = [result["models"][name]["sizes"].get(str(s), {}).get(key, {}) for s in sizes]
+        vals = np.array([t.get("median_s", np.nan) for t in timings])
+        # the range over the rounds as error bars (results of the earlier method have none)
+        low = np.array([t.get("min_s", t.get("median_s", np.nan)) for t in timings])
+        high = np.array([t.get("max_s", t.get("median_s", np.nan)) for t in timings])
+        ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=name, color=colours[i],
+               yerr=np.nan_to_num(np.stack([vals - low, high - vals])), capsize=2, error_kw={"linewidth": 0.8})
     ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2)
     ax.set_xticklabels([f"{s}^3" for s in sizes])
     ax.set_ylabel(f"{'forward' if key == 'forward' else 'training step'} latency (s)")

@@ -32,7 +32,9 @@ from scripts.benchmark.procfs import proc_status_mib, reset_peak_rss_of
 from scripts.benchmark.workload import Workload, timed
 
 __all__ = [
+    "BUNDLE_ROOT",
     "CONV_CASES",
+    "bundle_env",
     "count_flops",
     "lifetime_peak_rss_mib",
     "measure_memory",
@@ -47,7 +49,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The bundle's root folder: the working folder of the benchmarks' subprocesses."""
 
 # ------------------------------------------------------------------------------------------------------------
 # FLOPs
@@ -219,10 +222,13 @@ def peak_tensor_mib(fn: Callable[[], Any]) -> float | None:
 
 
 def memory_case(name: str, size: int, train_batch: int, device: torch.device) -> dict[str, float]:
-    """Peak memory (MiB) of a forward pass, then of a training step (the second one), in this process.
+    """Peak memory (MiB) of a forward pass, then of a training step, each the second call of its kind, here.
 
-    The first training step (warm-up) creates the optimizer's momentum buffers, which then count in the baseline as
-    in a running training. On CUDA the figures come from ``torch.cuda.max_memory_allocated`` after a reset. On CPU
+    The first call of each kind is a warm-up, as in a running inference or training: it makes the one-time
+    allocations (oneDNN's primitive and weight caches, lazy initialisations) that would otherwise count as the call's
+    growth (about 430 against 250 MiB for MambaClinix's 64^3 forward), and the first training step creates the
+    optimizer's momentum buffers, which then count in the baseline. On CUDA the figures come from
+    ``torch.cuda.max_memory_allocated`` after a reset. On CPU
     the RSS figures come first (an unprofiled call: :func:`reset_peak_rss`, then :func:`peak_rss_mib`), then
     ``*_tensor_peak_mib`` from one more, profiled call (:func:`peak_tensor_mib`; for the training step after
     ``zero_grad(set_to_none=True)``, so that the step's gradients count as allocated by it).
@@ -235,8 +241,7 @@ def memory_case(name: str, size: int, train_batch: int, device: torch.device) ->
     fwd, step = workload.forward(size), workload.train_step(size)
     out: dict[str, float] = {}
     for key, fn in (("forward", fwd), ("train", step)):
-        if key == "train":  # one step first: the optimizer state then belongs to the baseline, as in training
-            fn()
+        fn()  # warm-up: one-time allocations and the optimizer state then belong to the baseline
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -261,14 +266,20 @@ def memory_case(name: str, size: int, train_batch: int, device: torch.device) ->
     return out
 
 
+def bundle_env() -> dict[str, str]:
+    """The environment of a benchmark subprocess: this process's, with :data:`BUNDLE_ROOT` first on ``PYTHONPATH``."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [BUNDLE_ROOT, os.environ.get("PYTHONPATH")])))
+
+
 def run_module_json(module: str, *args: str) -> dict[str, Any]:
-    """Run ``python -m module args`` in a fresh process (bundle root on the path); parse its last stdout line.
+    """Run ``python -m module args`` in a fresh process (:func:`bundle_env`); parse its last stdout line.
 
     Returns:
         The JSON object, or ``{"error": ...}`` with the last line of stderr when the process failed.
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_BUNDLE_ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=_BUNDLE_ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=BUNDLE_ROOT, env=bundle_env()
+    )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"error": f"subprocess failed ({proc.returncode}): {tail[0]}"}

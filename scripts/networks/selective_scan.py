@@ -13,14 +13,17 @@ Backends:
 
 - ``"cuda"``: mamba-ssm's fused kernel ``selective_scan_fn`` (optional CUDA extra; only for CUDA tensors).
 - ``"chunked"``: pure PyTorch, the default wherever the CUDA kernel is not usable. The sequence is split into
-  ``K`` chunks of ``T`` steps. (1) the recurrence runs from a zero state inside all chunks at once (``T`` vectorised
-  steps), giving each chunk's local end state; (2) a scan of ``K`` steps carries the states across chunk
-  boundaries with the chunk decay ``exp(A * sum(delta))``; (3) the recurrence runs again inside all chunks from
-  their true initial states and emits ``y``. Every exponent is ``delta * A`` or a within-chunk sum of those, so it
-  is ``<= 0`` whenever ``A <= 0`` and ``delta >= 0`` (the Mamba case): there is no ``exp(-cumsum)`` that overflows
-  for strong decay. A custom autograd function keeps only the chunk-boundary states and recomputes the rest in
-  its analytic backward (adjoint recurrence, same three-stage scheme in reverse), processing the chunks in
-  groups so that the stored states stay within :data:`BACKWARD_STATE_BUDGET` elements.
+  ``K`` chunks of ``T`` steps (``T = ceil(sqrt(L))`` unless ``chunk_size`` is given). (1) the recurrence runs from a
+  zero state inside all chunks at once (``T`` steps of one ``addcmul`` each); (2) a scan of ``K`` steps carries the
+  states across chunk boundaries with the chunk decay ``exp(A * sum(delta))``; (3) the true states are the local
+  ones plus the chunk's initial state decayed by ``exp(A * cumsum(delta))``, for all steps at once, and so is
+  ``y``. Every exponent is ``delta * A`` times a within-chunk sum of ``delta``, so it is ``<= 0`` whenever
+  ``A <= 0`` and ``delta >= 0`` (the Mamba case): there is no ``exp(-cumsum)`` that overflows for strong decay.
+  Only the two recurrences loop, so a call costs about ``2 * sqrt(L)`` small operations plus a few large ones,
+  which keeps it fast on a machine whose cores are shared. A custom autograd function keeps only the
+  chunk-boundary states and recomputes the rest in its analytic backward (adjoint recurrence, same scheme in
+  reverse), processing the chunks in groups so that the per-step tensors stay within
+  :data:`BACKWARD_STATE_BUDGET` elements each.
 - ``"naive"``: a per-step Python loop under autograd (benchmark baseline and fallback).
 
 The choice is the ``backend`` argument, else the environment variable ``MAMBACLINIX_SCAN_BACKEND``, else
@@ -32,6 +35,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -46,6 +50,7 @@ __all__ = [
     "ENV_VAR",
     "KERNEL_DEVICE_TYPES",
     "SCAN_BACKENDS",
+    "auto_chunk_size",
     "cuda_scan_available",
     "mamba_ssm_op",
     "on_kernel_device",
@@ -61,11 +66,12 @@ ENV_VAR = "MAMBACLINIX_SCAN_BACKEND"
 SCAN_BACKENDS = ("auto", "cuda", "chunked", "naive")
 """Accepted backend names (``None`` means ``"auto"`` unless :data:`ENV_VAR` is set)."""
 
-DEFAULT_CHUNK_SIZE = 64
-"""Steps per chunk of the ``"chunked"`` backend (chosen with the scan benchmark of ``docs/benchmarks/``)."""
+DEFAULT_CHUNK_SIZE: int | None = None
+"""Steps per chunk of the ``"chunked"`` backend; ``None`` chooses :func:`auto_chunk_size` of the sequence length."""
 
 BACKWARD_STATE_BUDGET = 1 << 22
-"""Most hidden-state elements the ``"chunked"`` backward stores at once (4M float32 = 16 MiB)."""
+"""Most elements of one per-step tensor (steps x states) the ``"chunked"`` scan builds at once, forward and backward
+(4M float32 = 16 MiB; a group of chunks holds a few such tensors)."""
 
 KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 """Device types whose tensors go to mamba-ssm's and causal-conv1d's fused ops. The compiled kernels take CUDA tensors
@@ -188,6 +194,9 @@ def _check_inputs(
 # "chunked" backend. Layouts: per-step tensors (T, K, b, g, m) with T steps per chunk and K chunks; states
 # (K, b, g, n, dg) where the d channels are split into g groups of dg (channels innermost, so that every
 # elementwise op runs over long contiguous rows); B and C per step (T, K, b, g, n, 1); A as (g, n, dg).
+# Only the recurrences themselves loop (one addcmul per step within the chunks, one per chunk across them); the
+# rest is done for all steps of a group of chunks at once, with decays exp(A * cumulative delta) whose exponents
+# are <= 0.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -205,28 +214,46 @@ def _split_chunks(x: torch.Tensor, num_chunks: int, chunk: int) -> torch.Tensor:
     return _steps_view(x, num_chunks, chunk).contiguous()
 
 
-def _chunk_geometry(length: int, chunk_size: int) -> tuple[int, int]:
+def auto_chunk_size(length: int) -> int:
+    """Steps per chunk when none is given: ``ceil(sqrt(length))``, which makes the sequential steps (``T`` within
+    the chunks plus ``K = length / T`` across them) fewest."""
+    return max(1, math.isqrt(max(0, length - 1)) + 1)
+
+
+def _chunk_geometry(length: int, chunk_size: int | None) -> tuple[int, int]:
     """Steps per chunk and number of chunks for a sequence of ``length``."""
-    chunk = max(1, min(int(chunk_size), length))
+    chunk = auto_chunk_size(length) if chunk_size is None else max(1, min(int(chunk_size), length))
     return chunk, -(-length // chunk)
 
 
-def _chunk_layout(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
-) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rearrange the inputs into the per-step layouts (see above)."""
-    b, d, length = u.shape
-    g, n = B.shape[1], B.shape[2]
-    chunk, num_chunks = _chunk_geometry(length, chunk_size)
-    uc = _split_chunks(u.reshape(b, g, d // g, length), num_chunks, chunk)
-    dc = _split_chunks(delta.reshape(b, g, d // g, length), num_chunks, chunk)
-    bc = _split_chunks(B, num_chunks, chunk).unsqueeze(-1)
-    cc = _split_chunks(C, num_chunks, chunk).unsqueeze(-1)
-    return chunk, num_chunks, uc, dc, bc, cc, A.reshape(g, d // g, n).transpose(1, 2).contiguous()
+def _chunk_groups(num_chunks: int, chunk: int, state_numel: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of chunks whose per-step states stay within :data:`BACKWARD_STATE_BUDGET` elements."""
+    per_group = max(1, BACKWARD_STATE_BUDGET // max(1, chunk * state_numel))
+    return [(k0, min(num_chunks, k0 + per_group)) for k0 in range(0, num_chunks, per_group)]
+
+
+def _step_views(x: torch.Tensor) -> tuple[torch.Tensor, ...] | list[torch.Tensor]:
+    """The slices ``x[0], x[1], ...`` as views that the loops update in place: taken at once with ``unbind`` (one op)
+    where autograd is off (inside the custom autograd function, inference), one ``select`` each where it is on or
+    while tracing (a trace must replay under either), because autograd forbids in-place updates of ``unbind``'s
+    outputs."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing():
+        return [x[t] for t in range(x.shape[0])]
+    return x.unbind(0)
+
+
+def _local_states(dc: torch.Tensor, uc: torch.Tensor, bc: torch.Tensor, a3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-step decays ``exp(delta_t A)`` and the states of each chunk started from zero, all (T, K, b, g, n, dg)."""
+    decay_t = torch.exp(dc.unsqueeze(-2) * a3)
+    states = (dc * uc).unsqueeze(-2) * bc
+    steps, decays = _step_views(states), _step_views(decay_t)
+    for t in range(1, len(steps)):
+        steps[t].addcmul_(decays[t], steps[t - 1])
+    return decay_t, states
 
 
 def _chunked_forward(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked scan without D, z or bias.
 
@@ -234,29 +261,30 @@ def _chunked_forward(
         y (b, d, l), the chunks' initial states and the chunks' decays, both (K, b, g, n, dg).
     """
     b, d, length = u.shape
-    chunk, num_chunks, uc, dc, bc, cc, a3 = _chunk_layout(u, delta, A, B, C, chunk_size)
-    g, n = a3.shape[0], a3.shape[1]
-    decay = torch.exp(dc.sum(0).unsqueeze(-2) * a3)  # exp(A * sum of delta over the chunk) <= 1
-    state_shape = (b, g, n, d // g)
-    # (1) local end states from a zero state, all chunks at once
-    if num_chunks > 1:
-        h = u.new_zeros((num_chunks, *state_shape))
-        for t in range(chunk):
-            h = torch.addcmul((dc[t] * uc[t]).unsqueeze(-2) * bc[t], torch.exp(dc[t].unsqueeze(-2) * a3), h)
-        # (2) carry the states across chunk boundaries
-        starts = [u.new_zeros(state_shape)]
-        for k in range(1, num_chunks):
-            starts.append(torch.addcmul(h[k - 1], decay[k - 1], starts[-1]))
-        h0 = torch.stack(starts, 0)
-    else:
-        h0 = u.new_zeros((1, *state_shape))
-    # (3) the recurrence again from the true initial states, writing y straight into its final layout
-    y = u.new_empty((b, g, d // g, num_chunks * chunk))
+    g, n = B.shape[1], B.shape[2]
+    dg = d // g
+    chunk, num_chunks = _chunk_geometry(length, chunk_size)
+    a3 = A.reshape(g, dg, n).transpose(1, 2).contiguous()
+    u4, delta4 = u.reshape(b, g, dg, length), delta.reshape(b, g, dg, length)
+    h0 = u.new_empty((num_chunks, b, g, n, dg))
+    decay = u.new_empty(h0.shape)
+    y = u.new_empty((b, g, dg, num_chunks * chunk))
     y_steps = _steps_view(y, num_chunks, chunk)
-    h = h0
-    for t in range(chunk):
-        h = torch.addcmul((dc[t] * uc[t]).unsqueeze(-2) * bc[t], torch.exp(dc[t].unsqueeze(-2) * a3), h)
-        y_steps[t] = (h * cc[t]).sum(-2)
+    carry = u.new_zeros(h0.shape[1:])
+    for k0, k1 in _chunk_groups(num_chunks, chunk, carry.numel()):
+        steps = lambda x: _split_chunks(x[..., k0 * chunk : k1 * chunk], k1 - k0, chunk)  # noqa: E731
+        dc, uc, bc, cc = steps(delta4), steps(u4), steps(B).unsqueeze(-1), steps(C).unsqueeze(-1)
+        states = _local_states(dc, uc, bc, a3)[1]
+        from_start = torch.exp(torch.cumsum(dc, 0).unsqueeze(-2) * a3)  # decay from the chunk's start to step t
+        decay[k0:k1] = from_start[-1]
+        starts = [carry]  # (2) carry the states across the chunk boundaries
+        ends, chunk_decays = _step_views(states[-1]), _step_views(from_start[-1])
+        for k in range(k1 - k0):
+            starts.append(torch.addcmul(ends[k], chunk_decays[k], starts[-1]))
+        carry = starts.pop()
+        h0[k0:k1] = group_h0 = torch.stack(starts)
+        states.addcmul_(from_start, group_h0)  # (3) the true states: local part + decayed initial state
+        y_steps[:, k0:k1] = (states * cc).sum(-2)
     return y[..., :length].reshape(b, d, length), h0, decay
 
 
@@ -269,7 +297,7 @@ def _chunked_backward(
     C: torch.Tensor,
     h0: torch.Tensor,
     decay: torch.Tensor,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the chunked scan through the adjoint recurrence ``gh_t = C_t gy_t + exp(delta_{t+1} A) gh_{t+1}``.
 
@@ -282,27 +310,31 @@ def _chunked_backward(
     chunk, num_chunks = _chunk_geometry(length, chunk_size)
     a3 = A.reshape(g, dg, n).transpose(1, 2).contiguous()
     u4, delta4, gy4 = u.reshape(b, g, dg, length), delta.reshape(b, g, dg, length), grad_y.reshape(b, g, dg, length)
-    per_group = max(1, BACKWARD_STATE_BUDGET // max(1, chunk * h0[0].numel()))
-    groups = [(k0, min(num_chunks, k0 + per_group)) for k0 in range(0, num_chunks, per_group)]
+    groups = _chunk_groups(num_chunks, chunk, h0[0].numel())
 
     def steps(x: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
         return _split_chunks(x[..., k0 * chunk : k1 * chunk], k1 - k0, chunk)
 
-    # (1) adjoint leaving each chunk at its start when nothing arrives at its end; (2) carry across chunks
+    def local_adjoint(k0: int, k1: int, decay_t: torch.Tensor) -> torch.Tensor:
+        """The adjoint states of chunks k0..k1 when nothing arrives at their ends."""
+        adjoint = steps(gy4, k0, k1).unsqueeze(-2) * steps(C, k0, k1).unsqueeze(-1)
+        adjoints, decays = _step_views(adjoint), _step_views(decay_t)
+        for t in range(chunk - 2, -1, -1):
+            adjoints[t].addcmul_(decays[t + 1], adjoints[t + 1])
+        return adjoint
+
+    # (1) the adjoint leaving each chunk at its start when nothing arrives at its end; (2) carry across chunks
     r0 = u.new_zeros(h0.shape)
     if num_chunks > 1:
         leaving = u.new_empty(h0.shape)
         for k0, k1 in groups:
-            dc, gyc, cc = steps(delta4, k0, k1), steps(gy4, k0, k1), steps(C, k0, k1).unsqueeze(-1)
-            w = u.new_zeros(h0[k0:k1].shape)
-            for t in range(chunk - 1, -1, -1):
-                gh = torch.addcmul(w, gyc[t].unsqueeze(-2), cc[t])
-                w = torch.exp(dc[t].unsqueeze(-2) * a3) * gh
-            leaving[k0:k1] = w
+            decay_t = torch.exp(steps(delta4, k0, k1).unsqueeze(-2) * a3)
+            leaving[k0:k1] = decay_t[0] * local_adjoint(k0, k1, decay_t)[0]
+        leaving_k, decay_k, r0_k = _step_views(leaving), _step_views(decay), _step_views(r0)
         for k in range(num_chunks - 1, 0, -1):
-            torch.addcmul(leaving[k], decay[k], r0[k], out=r0[k - 1])
-    # (3) per group: recompute and store the states, then run the adjoint with the true arrivals;
-    # gradients are written straight into their final layouts
+            torch.addcmul(leaving_k[k], decay_k[k], r0_k[k], out=r0_k[k - 1])
+    # (3) per group: the states and the adjoint with the true arrivals, then every gradient at once, written
+    # straight into its final layout
     padded = num_chunks * chunk
     grad_u, grad_delta = u.new_empty((b, g, dg, padded)), u.new_empty((b, g, dg, padded))
     grad_b, grad_c = u.new_empty((b, g, n, padded)), u.new_empty((b, g, n, padded))
@@ -311,29 +343,24 @@ def _chunked_backward(
     grad_a = A.new_zeros(a3.shape)
     for k0, k1 in groups:
         uc, dc, gyc = steps(u4, k0, k1), steps(delta4, k0, k1), steps(gy4, k0, k1)
-        bc, cc = steps(B, k0, k1).unsqueeze(-1), steps(C, k0, k1).unsqueeze(-1)
-        duc = dc * uc
-        h = h0[k0:k1]
-        states = h.new_empty((chunk, *h.shape))
-        for t in range(chunk):
-            torch.addcmul(duc[t].unsqueeze(-2) * bc[t], torch.exp(dc[t].unsqueeze(-2) * a3), h, out=states[t])
-            h = states[t]
-            gc_steps[t, k0:k1] = (h * gyc[t].unsqueeze(-2)).sum(-1)
-        w = r0[k0:k1]
-        acc_a = torch.zeros_like(w)
-        for t in range(chunk - 1, -1, -1):
-            dt = dc[t].unsqueeze(-2)
-            decay_t = torch.exp(dt * a3)
-            gh = torch.addcmul(w, gyc[t].unsqueeze(-2), cc[t])
-            g_da = gh * decay_t * (states[t - 1] if t > 0 else h0[k0:k1])  # gradient of delta_t * A
-            s = (gh * bc[t]).sum(-2)  # <gh_t, B_t> per channel
-            gd_steps[t, k0:k1] = torch.addcmul((g_da * a3).sum(-2), uc[t], s)
-            gu_steps[t, k0:k1] = dc[t] * s
-            gb_steps[t, k0:k1] = (gh * duc[t].unsqueeze(-2)).sum(-1)
-            acc_a.addcmul_(g_da, dt)
-            w = decay_t * gh
-        grad_a += acc_a.sum((0, 1))
+        bc = steps(B, k0, k1).unsqueeze(-1)
+        decay_t, states = _local_states(dc, uc, bc, a3)
+        states.addcmul_(torch.exp(torch.cumsum(dc, 0).unsqueeze(-2) * a3), h0[k0:k1])
+        gc_steps[:, k0:k1] = (states * gyc.unsqueeze(-2)).sum(-1)
+        adjoint = local_adjoint(k0, k1, decay_t)
+        after = torch.zeros_like(dc)  # sum of delta after step t within its chunk
+        after[:-1] = dc[1:].flip(0).cumsum(0).flip(0)
+        adjoint.addcmul_(torch.exp(after.unsqueeze(-2) * a3), r0[k0:k1])
+        g_da = adjoint * decay_t  # gradient of delta_t * A: adjoint * decay * previous state
+        del decay_t
+        g_da[1:] *= states[:-1]
+        g_da[0] *= h0[k0:k1]
         del states
+        s = (adjoint * bc).sum(-2)  # <adjoint_t, B_t> per channel
+        gd_steps[:, k0:k1] = torch.addcmul((g_da * a3).sum(-2), uc, s)
+        gu_steps[:, k0:k1] = dc * s
+        gb_steps[:, k0:k1] = (adjoint * (dc * uc).unsqueeze(-2)).sum(-1)
+        grad_a += (g_da * dc.unsqueeze(-2)).sum((0, 1, 2))
     return (
         grad_u[..., :length].reshape(b, d, length),
         grad_delta[..., :length].reshape(b, d, length),
@@ -362,7 +389,7 @@ class _ChunkedScan(torch.autograd.Function):
 
 
 def _scan_chunked(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int | None
 ) -> torch.Tensor:
     """Chunked scan; plain tensor ops when no gradient is needed or while tracing (keeps traces serialisable)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
@@ -440,7 +467,8 @@ def selective_scan(
         delta_softplus: apply softplus to ``delta`` (after ``delta_bias``).
         backend: ``"auto"``, ``"cuda"``, ``"chunked"`` or ``"naive"``; ``None`` reads ``MAMBACLINIX_SCAN_BACKEND``
             and falls back to ``"auto"``.
-        chunk_size: steps per chunk of the ``"chunked"`` backend (default :data:`DEFAULT_CHUNK_SIZE`).
+        chunk_size: steps per chunk of the ``"chunked"`` backend (default :data:`DEFAULT_CHUNK_SIZE`: ``None``,
+            :func:`auto_chunk_size` of the length).
 
     Returns:
         y (batch, d, length) in the dtype of ``u``. Float64 inputs are computed in float64, everything else in float32.
