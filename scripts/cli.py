@@ -16,18 +16,38 @@ command line holds ``--debug`` (e.g. ``--debug True``, a config value the config
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import traceback
 from types import TracebackType
 
-__all__ = ["DEBUG_ENV", "data_error_in_chain", "install_error_handler", "report_uncaught"]
+__all__ = [
+    "DEBUG_ENV",
+    "CommandLineError",
+    "OneLineArgumentParser",
+    "data_error_in_chain",
+    "install_error_handler",
+    "report_uncaught",
+]
 
 logger = logging.getLogger(__name__)
 
 #: environment variable that keeps the full traceback on standard error
 DEBUG_ENV = "MAMBACLINIX_DEBUG"
+
+
+class CommandLineError(Exception):
+    """A bad command line, raised by :class:`OneLineArgumentParser` for its caller to report in one line."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`CommandLineError` instead of printing usage and exiting,
+    so that a command can report them like its other input errors (one ``ERROR:`` line, its own exit status)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CommandLineError(message)
 
 
 def data_error_in_chain(exc: BaseException | None,

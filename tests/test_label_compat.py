@@ -240,7 +240,7 @@ class TestAppHelpers(unittest.TestCase):
 # tooling that must never be served: the subpackages of scripts.label.app.TOOLING, the benchmark modules beside
 # them and the old names of the demo data, hostile-input and ablation modules
 _TOOLING_NAME = re.compile(
-    r"^(benchmark|bench_\w+|experiments|ablation\w*|demo|demo_data|checks|check_\w+|gpu_check)(\.py)?$"
+    r"^(benchmark|bench_\w+|experiments|ablation\w*|demo|demo_data|lesions|checks|check_\w+|gpu_check)(\.py)?$"
 )
 _SCRIPTS_REF = re.compile(r"(?<![\w.])scripts(?:\.[A-Za-z_]\w*)+")
 
@@ -314,7 +314,7 @@ class TestServedModel(unittest.TestCase):
         return prepare_app(app, ROOT, "mc", plan=None)
 
     def test_no_tooling_served(self):
-        self.assertEqual(set(TOOLING), {"benchmark", "experiments", "demo", "checks", "gpu_check"})
+        self.assertEqual(set(TOOLING), {"benchmark", "experiments", "demo", "lesions", "checks", "gpu_check"})
         with tempfile.TemporaryDirectory() as tmp:
             served = self._prepare(Path(tmp))
             listing = sorted(p.name for p in (served / "scripts").iterdir())

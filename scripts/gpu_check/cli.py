@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from scripts.cli import CommandLineError, OneLineArgumentParser
 from scripts.gpu_check.budget import Budget
 from scripts.gpu_check.plans import PLANS, size_problem
 from scripts.gpu_check.report import JSON_NAME, MARKDOWN_NAME
@@ -44,18 +45,10 @@ sliding_window are recorded only); 1 when parity, amp_training or distributed fa
 """
 
 
-class _ArgumentError(Exception):
-    """A bad command line (reported in one line, exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _ArgumentError(message)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m scripts.gpu_check`` (defaults ``None`` resolve to CUDA / CPU defaults)."""
-    p = _Parser(prog="python -m scripts.gpu_check", description=_DESCRIPTION, epilog=_EPILOG,
+    p = OneLineArgumentParser(prog="python -m scripts.gpu_check", description=_DESCRIPTION, epilog=_EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def default(key: str) -> str:
@@ -133,7 +126,7 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
     try:
         settings = resolve_settings(build_parser().parse_args(argv))
         Path(settings.out).mkdir(parents=True, exist_ok=True)
-    except (_ArgumentError, ValueError, OSError) as e:
+    except (CommandLineError, ValueError, OSError) as e:
         sys.stderr.write(f"ERROR: {e} (python -m scripts.gpu_check --help)\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

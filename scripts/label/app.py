@@ -53,9 +53,10 @@ OFFLINE_CONF: tuple[tuple[str, str], ...] = (("zoo_source", "github"), ("sam2", 
 #: the configuration files MONAI Label reads (it does not read ``.yml``).
 LABEL_CONFIGS = ("inference.yaml", "train.yaml")
 #: subpackages of ``scripts/`` that are tooling, never imported by the configs: benchmarks, experiments (the loss
-#: ablation), demo data, hostile-input checks and the GPU check. The model MONAI Label serves (:func:`prepare_app`)
-#: and a copy of the bundle (:func:`copy_bundle`) leave them out; a module ``<name>.py`` of the same name is left out too.
-TOOLING: tuple[str, ...] = ("benchmark", "experiments", "demo", "checks", "gpu_check")
+#: ablation), demo data, the synthetic lesion generator, hostile-input checks and the GPU check. The model MONAI Label
+#: serves (:func:`prepare_app`) and a copy of the bundle (:func:`copy_bundle`) leave them out; a module ``<name>.py`` of
+#: the same name is left out too.
+TOOLING: tuple[str, ...] = ("benchmark", "experiments", "demo", "lesions", "checks", "gpu_check")
 #: names never served nor copied: Python's byte-code caches.
 _CACHES = ("__pycache__",)
 
