@@ -48,6 +48,7 @@ demo: setup
 	echo "demo wall time: $$(( $$(date +%s) - start )) s; metrics in eval/demo_metrics.json, segmentation and overlay in eval/inference/"
 
 test: setup
+	test -f data/mni/raw/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz || $(PY) -m scripts.demo.data --output data --which mni
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
 
 # the CUDA code paths on CPU: mamba-ssm / causal-conv1d built without kernels in .venv-cuda-ref, their reference
