@@ -555,3 +555,33 @@ class TestBenchAllocator(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestContention(unittest.TestCase):
+    @staticmethod
+    def _results(cpu_by_model):
+        return {"models": {m: {"64": {"forward": {"measurements": [{"cpu_s": c, "wall_s": c, "load_1min": 3.0}
+                                                                    for c in calls]}}}
+                           for m, calls in cpu_by_model.items()}}
+
+    def test_summarise(self):
+        from scripts.benchmark.contention import summarise
+
+        quiet = self._results({"a": [1.0, 2.0, 3.0], "b": [4.0, 4.0, 4.0], "c": [1.0]})
+        loaded = [self._results({"a": [3.0, 4.0], "b": [4.0, 5.0]}), self._results({"a": [5.0], "b": [6.0, 4.0]})]
+        rows = {r["model"]: r for r in summarise(quiet, loaded)}
+        self.assertEqual(set(rows), {"a", "b"})  # c was not timed under contention
+        self.assertEqual(rows["a"]["quiet_cpu_s"], 2.0)
+        self.assertEqual(rows["a"]["loaded_cpu"]["median"], 4.0)
+        self.assertEqual((rows["a"]["loaded_cpu"]["min"], rows["a"]["loaded_cpu"]["max"], rows["a"]["loaded_cpu"]["n"]),
+                         (3.0, 5.0, 3))
+        self.assertAlmostEqual(rows["a"]["ratio"], 2.0)
+        self.assertAlmostEqual(rows["b"]["ratio"], 1.125)
+
+    def test_command_line_errors(self):
+        from scripts.benchmark.contention import main
+
+        with mock.patch("sys.stderr") as err:
+            self.assertEqual(main(["--copies", "1", "--out", "x", "--", "--quick"]), 2)
+            self.assertEqual(main(["--copies", "2"]), 2)  # no --out
+        self.assertIn("ERROR:", "".join(c.args[0] for c in err.write.call_args_list))

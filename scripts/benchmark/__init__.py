@@ -21,7 +21,9 @@ Modules, one job each:
 - :mod:`~scripts.benchmark.cli`: ``python -m scripts.benchmark``;
 - :mod:`~scripts.benchmark.allocator`: ``python -m scripts.benchmark.allocator``, what
   :func:`scripts.runtime.reuse_freed_cpu_memory` changes, per network in fresh processes;
-- :mod:`~scripts.benchmark.scan`: ``python -m scripts.benchmark.scan``, the selective-scan backends alone.
+- :mod:`~scripts.benchmark.scan`: ``python -m scripts.benchmark.scan``, the selective-scan backends alone;
+- :mod:`~scripts.benchmark.contention`: ``python -m scripts.benchmark.contention``, each model's CPU time per call
+  alone and with several copies of the benchmark running at once.
 
 What ``python -m scripts.benchmark`` measures, per model and cubic patch edge:
 
@@ -32,10 +34,10 @@ What ``python -m scripts.benchmark`` measures, per model and cubic patch edge:
   (``9 * batch * d_inner * d_state * length`` for the recurrence, plus ``D`` skip and ``z`` gate), and
   ``total = counted + scan``.
 - ``forward``: latency of one forward pass (batch 1, ``eval()`` + ``torch.inference_mode``).
-- ``train``: one training step (batch ``--train-batch``): forward, cross-entropy, backward and an SGD step
-  (momentum 0.99, Nesterov, as nnU-Net).
+- ``train``: one training step (batch ``--train-batch``): forward, cross-entropy, backward and an Adam step
+  (the optimizer of ``configs/train.yaml``).
 - ``memory``: peak memory of a forward pass and of a training step, each the second call of its kind (the first is a
-  warm-up: one-time allocations and the optimizer's momentum buffers then count in the baseline, as in a running
+  warm-up: one-time allocations and the optimizer's moment buffers then count in the baseline, as in a running
   inference or training). On CPU each (model, size) runs in a fresh subprocess with the system allocator; the peak
   resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each phase) is reported,
   absolute and above the RSS just before the phase; on CUDA ``torch.cuda.max_memory_allocated`` after a reset. On

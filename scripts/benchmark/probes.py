@@ -227,7 +227,7 @@ def memory_case(name: str, size: int, train_batch: int, device: torch.device) ->
     The first call of each kind is a warm-up, as in a running inference or training: it makes the one-time
     allocations (oneDNN's primitive and weight caches, lazy initialisations) that would otherwise count as the call's
     growth (about 430 against 250 MiB for MambaClinix's 64^3 forward), and the first training step creates the
-    optimizer's momentum buffers, which then count in the baseline. On CUDA the figures come from
+    optimizer's moment buffers, which then count in the baseline. On CUDA the figures come from
     ``torch.cuda.max_memory_allocated`` after a reset. On CPU
     the RSS figures come first (an unprofiled call: :func:`reset_peak_rss`, then :func:`peak_rss_mib`), then
     ``*_tensor_peak_mib`` from one more, profiled call (:func:`peak_tensor_mib`; for the training step after

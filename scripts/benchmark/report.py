@@ -275,7 +275,7 @@ def _method_lines(result: dict[str, Any]) -> list[str]:
            "(`results.json` has the wall-clock and process CPU time and the load of every call)."
            if busy else " - no other jobs of ours ran (the load includes the benchmark's own threads)."),
         f"- Method: {method}; forward batch 1 in `inference_mode`, training step batch {st['train_batch']} "
-        "(forward + cross-entropy + backward + SGD step); float32 unless a model name says `+bf16`.",
+        "(forward + cross-entropy + backward + Adam step, the optimizer of `configs/train.yaml`); float32 unless a model name says `+bf16`.",
         f"- Allocator of the timings: {ALLOCATOR_LABELS[allocator]}"
         + (" - requested but NOT in effect here (not glibc)." if allocator == "reuse" and not in_effect else ".")
         + " Peak memory: the system allocator, in a fresh process per case.",
@@ -316,7 +316,7 @@ def _readme(result: dict[str, Any], table: str, images: list[str], out_dir: str)
         "Peak memory: growth of the peak RSS (VmHWM, reset before each phase) over the RSS just before the phase "
         "(model, optimizer and inputs built) in a fresh process on CPU, `torch.cuda.max_memory_allocated` on CUDA; "
         "each column is the second call of its kind (after a warm-up call: one-time allocations and the optimizer's "
-        "momentum buffers are in the baseline, as in a running inference or training). "
+        "moment buffers are in the baseline, as in a running inference or training). "
         "The RSS depends on how much freed memory the C allocator keeps, so it varies by tens of MiB between runs. Tensors "
         "(CPU): the peak of the memory held by the tensors allocated during the phase, summed from PyTorch's allocation "
         "events (`torch.profiler`, `profile_memory=True`) in one more call, the same on every run; for the training step "

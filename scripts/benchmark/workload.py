@@ -19,19 +19,19 @@ __all__ = ["Workload", "synchronize", "timed"]
 
 class Workload:
     """A model of :mod:`scripts.benchmark.models` with its device, memory-format, autocast and compile options
-    applied, and an SGD optimizer (momentum 0.99, Nesterov, as nnU-Net) for training steps.
+    applied, and the optimizer of the bundle's ``configs/train.yaml`` (``torch.optim.Adam``) for training steps.
 
     Args:
         name: model name with ``+`` options (:func:`scripts.benchmark.models.parse_model_name`).
         device: where the model and its inputs live.
         train_batch: batch size of :meth:`train_step`.
-        lr: learning rate of the SGD optimizer.
+        lr: learning rate of the Adam optimizer (``train.yaml``'s ``learning_rate``).
 
     Attributes:
         model: the network (channels_last_3d with ``+cl``).
         params: its trainable parameter count.
         compiled: whether calls go through ``torch.compile`` (``+compile`` or ``+freeze``): the first call compiles.
-        optimizer: the SGD optimizer of :meth:`train_step`.
+        optimizer: the Adam optimizer of :meth:`train_step`.
     """
 
     def __init__(self, name: str, device: torch.device, train_batch: int, lr: float = 1e-4) -> None:
@@ -47,7 +47,7 @@ class Workload:
         self.freeze = "freeze" in opts
         self.compiled = "compile" in opts or self.freeze
         self.fn: nn.Module | Callable = torch.compile(self.model, dynamic=False) if self.compiled else self.model
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.99, nesterov=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.train_batch = train_batch
 
     def _input(self, batch: int, size: int, seed: int = 0) -> torch.Tensor:

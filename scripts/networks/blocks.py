@@ -16,6 +16,7 @@ from monai.networks.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
+from . import cpu_backward
 from .conv import conv_layer
 from .mamba import Mamba
 from .pooling import StrideAvgPool
@@ -24,6 +25,7 @@ __all__ = [
     "ConvNormAct",
     "ResidualBlock",
     "ChannelLayerNorm",
+    "InstanceGroupNorm",
     "HgConv",
     "HGCNBlock",
     "ResidualMambaLayer",
@@ -50,8 +52,18 @@ def same_padding(kernel_size: Sequence[int]) -> tuple[int, ...]:
     return tuple(k // 2 for k in kernel_size)
 
 
+class InstanceGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` whose one-group-per-channel case on channels-last CPU tensors, when gradients are recorded,
+    runs :func:`scripts.networks.cpu_backward.instance_norm` (same values, cheaper backward); otherwise
+    ``nn.GroupNorm`` itself. Same arguments, parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_backward.group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def _fast_norm(layer: nn.Module) -> nn.Module:
-    """Swap an instance norm without running statistics for the identical ``GroupNorm(C, C)``.
+    """Swap an instance norm without running statistics for the identical ``GroupNorm(C, C)`` (an
+    :class:`InstanceGroupNorm`).
 
     Both normalise every channel of every sample over its spatial extent with the biased variance and have the
     same ``weight``/``bias`` parameters (same names, same initialisation), so state dicts and outputs are the same;
@@ -59,7 +71,7 @@ def _fast_norm(layer: nn.Module) -> nn.Module:
     the more so on ``channels_last_3d`` tensors (figures in ``docs/benchmarks/``).
     """
     if isinstance(layer, nn.modules.instancenorm._InstanceNorm) and not layer.track_running_stats:
-        group_norm = nn.GroupNorm(layer.num_features, layer.num_features, eps=layer.eps, affine=layer.affine)
+        group_norm = InstanceGroupNorm(layer.num_features, layer.num_features, eps=layer.eps, affine=layer.affine)
         if layer.affine:
             with torch.no_grad():
                 group_norm.weight.copy_(layer.weight)

@@ -8,6 +8,9 @@ several times slower than oneDNN would run them (figures in ``docs/benchmarks/``
 ``nn.Conv3d`` call oneDNN directly in exactly those cases; the module, its parameters, state dict and maths are the
 standard ones, and every other case (CUDA, autocast, batches > 1, tracing, ``torch.compile``) takes PyTorch's own path.
 
+When gradients are recorded on CPU (a training step) they convolve through :func:`scripts.networks.cpu_backward.convolution`,
+whose backward is cheaper than PyTorch's.
+
 They also route around a oneDNN bug: in bfloat16 on CPU (autocast or bfloat16 tensors), the weight gradient of a 3D
 convolution whose input has a depth of 2 is wrong (as large as the gradient itself, or inf/NaN read from
 uninitialised memory; the output and the input gradient are right; ``tests/test_conv.py`` checks it against a
@@ -21,6 +24,8 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import cpu_backward
 
 __all__ = ["OneDNNConv2d", "OneDNNConv3d", "conv_layer"]
 
@@ -63,6 +68,11 @@ class _OneDNNForward:
                     input.float(), weight.float(), None if bias is None else bias.float()
                 )
             return out.to(torch.bfloat16)
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and cpu_backward.applies(input, weight, bias):
+            # a training step on CPU: the same convolution with a cheaper backward (scripts.networks.cpu_backward)
+            return cpu_backward.convolution(
+                input, weight, bias, self.stride, self.padding, self.dilation, self.groups  # type: ignore[attr-defined]
+            )
         if _use_onednn(self, input):  # type: ignore[arg-type]
             return torch.ops.aten.mkldnn_convolution(
                 input, weight, bias, self.padding, self.stride, self.dilation, self.groups  # type: ignore[attr-defined]

@@ -1,0 +1,199 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Cheaper CPU backward passes for convolutions and channels-last instance norms (the training step).
+
+Three parts of PyTorch's CPU backward cost more than their arithmetic (profiles in
+``docs/benchmarks/optimizations.md``):
+
+- oneDNN's convolution backward, asked for the bias gradient as well, runs a slower weight-gradient primitive; the
+  bias gradient is only the sum of the output gradient over the batch and the spatial axes.
+- The input gradient of a stride-1 depthwise convolution is the depthwise convolution of the output gradient with
+  the spatially flipped kernel, a forward-sized operation; oneDNN's backward-data primitive for it is an order of
+  magnitude slower than that.
+- PyTorch's group-norm backward kernel on channels-last tensors is several times slower than on channels-first ones.
+
+:func:`convolution` and :func:`instance_norm` compute the same values and gradients (within float32 rounding; the
+tests compare them with float64 references) through :class:`torch.autograd.Function` s whose backward avoids those
+paths. They apply to float32 CPU tensors in eager mode when gradients are recorded; everything else (CUDA, autocast,
+float64, ``torch.compile``, tracing, dispatch modes such as ``FlopCounterMode``, inference) takes PyTorch's own path.
+:func:`native_backward` switches them off, e.g. to compare the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["applies", "convolution", "group_norm_forward", "instance_norm", "is_channels_last", "native_backward"]
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def native_backward() -> Iterator[None]:
+    """Within this block (in this thread) convolutions and instance norms use PyTorch's own backward."""
+    previous = getattr(_state, "off", False)
+    _state.off = True
+    try:
+        yield
+    finally:
+        _state.off = previous
+
+
+def applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether the functions of this module take over: float32 CPU tensors, some of them requiring a gradient that
+    is being recorded, in eager mode, outside autocast and outside :func:`native_backward`."""
+    if getattr(_state, "off", False) or not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    present = [t for t in tensors if t is not None]
+    if torch.is_autocast_enabled("cpu") or not any(t.requires_grad for t in present):
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not is_fake(t) for t in present)
+
+
+def _forward_conv(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    if x.shape[0] == 1 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        # batch 1: straight to oneDNN (PyTorch's heuristic would pick a slow native loop, see scripts.networks.conv)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    zeros = [0] * (x.ndim - 2)
+    return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+
+
+def _depthwise_same_stride(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
+    """A stride-1, dilation-1 depthwise convolution (one filter per channel) whose padding is at most ``k - 1``."""
+    return (
+        groups == x.shape[1] == weight.shape[0]
+        and weight.shape[1] == 1
+        and all(s == 1 for s in stride)
+        and all(d == 1 for d in dilation)
+        and all(0 <= p <= k - 1 for p, k in zip(padding, weight.shape[2:]))
+    )
+
+
+class _Convolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (tuple(stride), tuple(padding), tuple(dilation), groups, bias is not None)
+        return _forward_conv(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        spatial = tuple(range(2, x.ndim))
+        if need_x and _depthwise_same_stride(x, weight, stride, padding, dilation, groups):
+            full = [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
+            grad_x = _forward_conv(grad, weight.flip(spatial), None, [1] * len(spatial), full, [1] * len(spatial), groups)
+            need_x = False
+        if need_x or need_w:
+            zeros = [0] * len(spatial)
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, stride, padding, dilation, False, zeros, groups, [need_x, need_w, False]
+            )
+            grad_x = gx if need_x else grad_x
+            grad_w = gw if need_w else None
+        if has_bias and need_b:
+            grad_b = grad.sum((0, *spatial))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """``torch.convolution`` (not transposed, zero padding given per axis) with the cheaper CPU backward.
+
+    Call it where :func:`applies` holds for ``(x, weight, bias)``; elsewhere use PyTorch's convolution.
+    """
+    return _Convolution.apply(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _channels_last_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` in channels-last memory as a ``(B, N, C)`` view (``N`` = spatial size); ``t`` is made
+    channels-last first when it is not."""
+    last = (0, *range(2, t.ndim), 1)
+    rows = t.permute(last)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    return rows.reshape(t.shape[0], -1, t.shape[1])
+
+
+class _InstanceNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        batch, channels = x.shape[:2]
+        out, mean, rstd = torch.native_group_norm(x, weight, bias, batch, channels, x[0, 0].numel(), channels, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        batch, channels = x.shape[:2]
+        rows, grad_rows = _channels_last_rows(x), _channels_last_rows(grad)
+        n = rows.shape[1]
+        mean, rstd = mean.view(batch, 1, channels), rstd.view(batch, 1, channels)
+        sum_dy = grad_rows.sum(1, keepdim=True)
+        # sum over the voxels of dy * x per (sample, channel): the diagonal of a (C, N) x (N, C) product
+        sum_dy_x = torch.bmm(grad_rows.transpose(1, 2), rows).diagonal(dim1=1, dim2=2).unsqueeze(1)
+        sum_dy_xhat = rstd * (sum_dy_x - mean * sum_dy)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            scale = rstd if weight is None else rstd * weight.view(1, 1, channels)
+            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) = scale * dy + coef_x * x + const
+            coef_x = -scale * rstd * sum_dy_xhat / n
+            const = -scale * sum_dy / n - coef_x * mean
+            grad_rows_x = torch.addcmul(torch.addcmul(const, rows, coef_x), grad_rows, scale)
+            grad_x = grad_rows_x.view(batch, *x.shape[2:], channels).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+        if weight is not None and need_w:
+            grad_w = sum_dy_xhat.sum((0, 1))
+        if need_b:
+            grad_b = sum_dy.sum((0, 1))
+        return grad_x, grad_w, grad_b, None
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.group_norm(x, C, weight, bias, eps)`` (every channel of every sample normalised over its spatial extent,
+    biased variance) for a channels-last ``(B, C, *spatial)`` tensor, with the cheaper CPU backward.
+
+    Call it where :func:`applies` holds for ``(x, weight, bias)`` and ``x`` is channels-last; elsewhere use
+    ``F.group_norm``.
+
+    Raises:
+        ValueError: ``x`` has no spatial axis.
+    """
+    if x.ndim < 3:
+        raise ValueError(f"instance_norm needs a (B, C, *spatial) tensor, got shape {tuple(x.shape)}.")
+    return _InstanceNorm.apply(x, weight, bias, eps)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``(B, C, *spatial)`` is laid out channels-last (its channels-last view is contiguous) and not
+    also plain contiguous (a 1-channel or 1-voxel tensor is both: it takes PyTorch's own path)."""
+    return x.ndim >= 3 and x.permute(0, *range(2, x.ndim), 1).is_contiguous() and not x.is_contiguous()
+
+
+def group_norm_forward(x: torch.Tensor, num_groups: int, weight, bias, eps: float) -> torch.Tensor:
+    """``F.group_norm``, through :func:`instance_norm` where it applies (one group per channel, channels-last)."""
+    if num_groups == x.shape[1] and is_channels_last(x) and applies(x, weight, bias):
+        return instance_norm(x, weight, bias, eps)
+    return F.group_norm(x, num_groups, weight, bias, eps)

@@ -1,0 +1,222 @@
+# Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
+"""Tests of the cheaper CPU backward passes (scripts.networks.cpu_backward): values and gradients against float64
+references computed by PyTorch's own convolution and group norm, where they take over and where they do not, and a
+whole MambaClinix training step against PyTorch's backward."""
+
+from __future__ import annotations
+
+import unittest
+
+import torch
+import torch.nn.functional as F
+from parameterized import parameterized
+from torch.utils.flop_counter import FlopCounterMode
+
+from scripts.networks import MambaClinix, cpu_backward
+from scripts.networks.blocks import InstanceGroupNorm
+from scripts.networks.conv import conv_layer
+
+
+def _memory_format(dims: int):
+    return torch.channels_last_3d if dims == 3 else torch.channels_last
+
+
+def _grad_fn_names(t: torch.Tensor) -> set[str]:
+    """Names of every autograd node reachable from ``t``."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+CONV_CASES = []
+for dims in (2, 3):
+    for in_ch, out_ch, kernel, stride, padding, groups in (
+        (1, 4, 3, 1, 1, 1),  # a 1-channel stem
+        (4, 6, 3, 2, 1, 1),  # strided down-sampling
+        (6, 6, 3, 1, 1, 6),  # depthwise, same padding: input gradient by the flipped-kernel convolution
+        (6, 6, 5, 1, 1, 6),  # depthwise, padding below k // 2
+        (6, 6, 3, 1, 0, 6),  # depthwise, no padding
+        (6, 6, 3, 2, 1, 6),  # depthwise, strided: oneDNN's backward
+        (6, 12, 3, 1, 1, 3),  # grouped, not depthwise
+        (8, 3, 1, 1, 0, 1),  # 1x1 head
+    ):
+        for batch in (1, 2):
+            for channels_last in (False, True):
+                CONV_CASES.append((dims, in_ch, out_ch, kernel, stride, padding, groups, batch, channels_last))
+
+
+class TestConvolution(unittest.TestCase):
+    @parameterized.expand(CONV_CASES)
+    def test_values_and_gradients(self, dims, in_ch, out_ch, kernel, stride, padding, groups, batch, channels_last):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, in_ch, *(7,) * dims, generator=gen)
+        weight = torch.randn(out_ch, in_ch // groups, *(kernel,) * dims, generator=gen)
+        bias = torch.randn(out_ch, generator=gen)
+        if channels_last:
+            x, weight = (t.contiguous(memory_format=_memory_format(dims)) for t in (x, weight))
+        args = ((stride,) * dims, (padding,) * dims, (1,) * dims, groups)
+        ins = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        self.assertTrue(cpu_backward.applies(*ins))
+        y = cpu_backward.convolution(*ins, *args)
+        self.assertIn("_ConvolutionBackward", _grad_fn_names(y))
+        refs = [t.double().requires_grad_(True) for t in (x, weight, bias)]
+        y_ref = torch.convolution(refs[0], refs[1], refs[2], *args[:3], False, (0,) * dims, groups)
+        torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+        upstream = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad(y, ins, upstream.float())
+        grads_ref = torch.autograd.grad(y_ref, refs, upstream)
+        for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref):
+            self.assertEqual(g.shape, g_ref.shape, name)
+            torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-5, msg=name)
+
+    @parameterized.expand([("input only", (True, False, False)), ("weight and bias", (False, True, True))])
+    def test_partial_gradients(self, _, needs):
+        x, weight, bias = torch.randn(2, 4, 6, 6, 6), torch.randn(4, 1, 3, 3, 3), torch.randn(4)
+        ins = [t.requires_grad_(n) for t, n in zip((x, weight, bias), needs)]
+        y = cpu_backward.convolution(*ins, (1,) * 3, (1,) * 3, (1,) * 3, 4)
+        wanted = [t for t in ins if t.requires_grad]
+        grads = torch.autograd.grad(y.square().sum(), wanted)
+        refs = [t.detach().double().requires_grad_(t.requires_grad) for t in ins]
+        y_ref = F.conv3d(refs[0], refs[1], refs[2], 1, 1, 1, 4)
+        grads_ref = torch.autograd.grad(y_ref.square().sum(), [t for t in refs if t.requires_grad])
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g.double(), g_ref, atol=1e-3, rtol=1e-5)
+
+    def test_conv_layers_take_it_only_when_it_applies(self):
+        conv = conv_layer(3)(4, 4, 3, padding=1)
+        x = torch.randn(2, 4, 6, 6, 6)
+        self.assertIn("_ConvolutionBackward", _grad_fn_names(conv(x)))
+        with cpu_backward.native_backward():
+            self.assertNotIn("_ConvolutionBackward", _grad_fn_names(conv(x)))
+        self.assertNotIn("_ConvolutionBackward", _grad_fn_names(conv.double()(x.double())))
+        conv.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            self.assertNotIn("_ConvolutionBackward", _grad_fn_names(conv(x)))
+        with torch.no_grad():
+            self.assertIsNone(conv(x).grad_fn)
+        reflect = conv_layer(3)(4, 4, 3, padding=1, padding_mode="reflect")
+        self.assertNotIn("_ConvolutionBackward", _grad_fn_names(reflect(x)))
+        with FlopCounterMode(display=False) as counter:
+            conv(x)
+        self.assertGreater(counter.get_total_flops(), 0)  # the counter sees aten.convolution, not our function
+
+    def test_applies(self):
+        x = torch.randn(2, 3, 4, 4, requires_grad=True)
+        self.assertTrue(cpu_backward.applies(x, None))
+        self.assertFalse(cpu_backward.applies(x.detach()))  # nothing requires a gradient
+        self.assertFalse(cpu_backward.applies(x.double()))
+        with torch.no_grad():
+            self.assertFalse(cpu_backward.applies(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            self.assertFalse(cpu_backward.applies(x))
+        with cpu_backward.native_backward():
+            self.assertFalse(cpu_backward.applies(x))
+        self.assertTrue(cpu_backward.applies(x))  # switched back on after the block
+
+
+NORM_CASES = []
+for dims in (2, 3):
+    for channels in (3, 16):
+        for affine in (True, False):
+            for batch in (1, 2):
+                NORM_CASES.append((dims, channels, affine, batch, 0.0))
+    NORM_CASES.append((dims, 8, True, 2, 40.0))  # a large mean against a unit spread
+
+
+class TestInstanceNorm(unittest.TestCase):
+    @parameterized.expand(NORM_CASES)
+    def test_values_and_gradients(self, dims, channels, affine, batch, offset):
+        gen = torch.Generator().manual_seed(1)
+        x = (torch.randn(batch, channels, *(6,) * dims, generator=gen) + offset).contiguous(
+            memory_format=_memory_format(dims)
+        )
+        weight = torch.rand(channels, generator=gen) + 0.5 if affine else None
+        bias = torch.randn(channels, generator=gen) if affine else None
+        ins = [t if t is None else t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        y = cpu_backward.group_norm_forward(ins[0], channels, ins[1], ins[2], 1e-5)
+        self.assertIn("_InstanceNormBackward", _grad_fn_names(y))
+        self.assertTrue(cpu_backward.is_channels_last(y))
+        refs = [t if t is None else t.double().requires_grad_(True) for t in (x, weight, bias)]
+        y_ref = F.group_norm(refs[0], channels, refs[1], refs[2], 1e-5)
+        natives = [t if t is None else t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        y_native = F.group_norm(natives[0], channels, natives[1], natives[2], 1e-5)  # PyTorch's float32 path
+        torch.testing.assert_close(y, y_native)
+        upstream = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad(y, [t for t in ins if t is not None], upstream.float())
+        grads_ref = torch.autograd.grad(y_ref, [t for t in refs if t is not None], upstream)
+        grads_native = torch.autograd.grad(y_native, [t for t in natives if t is not None], upstream.float())
+        for g, g_ref, g_native in zip(grads, grads_ref, grads_native):
+            # no further from float64 than PyTorch's own float32 backward, up to float32 rounding of the result
+            error, native_error = (g.double() - g_ref).abs().max(), (g_native.double() - g_ref).abs().max()
+            self.assertLessEqual(error, 2 * native_error + 1e-5 * g_ref.abs().max())
+            if offset == 0.0:
+                torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-4)
+
+    def test_channels_first_upstream_gradient(self):
+        x = torch.randn(2, 4, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+        y = cpu_backward.instance_norm(x, None, None, 1e-5)
+        upstream = torch.randn(2, 4, 5, 5, 5)  # channels-first, as some upstream nodes hand it over
+        (grad,) = torch.autograd.grad(y, [x], upstream)
+        x_ref = x.detach().double().requires_grad_(True)
+        (grad_ref,) = torch.autograd.grad(F.group_norm(x_ref, 4, eps=1e-5), [x_ref], upstream.double())
+        torch.testing.assert_close(grad.double(), grad_ref, atol=1e-5, rtol=1e-5)
+
+    def test_falls_back(self):
+        norm = InstanceGroupNorm(4, 4)
+        cl = torch.randn(2, 4, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+        self.assertIn("_InstanceNormBackward", _grad_fn_names(norm(cl)))
+        for x in (cl.contiguous(), torch.randn(2, 1, 5, 5, 5)):  # channels-first; one channel
+            self.assertNotIn("_InstanceNormBackward", _grad_fn_names(InstanceGroupNorm(x.shape[1], x.shape[1])(x)))
+        self.assertNotIn("_InstanceNormBackward", _grad_fn_names(InstanceGroupNorm(2, 4)(cl)))  # two groups
+        with cpu_backward.native_backward():
+            self.assertNotIn("_InstanceNormBackward", _grad_fn_names(norm(cl)))
+
+    def test_ill_argument(self):
+        with self.assertRaisesRegex(ValueError, "spatial"):
+            cpu_backward.instance_norm(torch.randn(2, 3), None, None, 1e-5)
+
+
+class TestTrainingStep(unittest.TestCase):
+    def test_mambaclinix_gradients_match_pytorch_backward(self):
+        torch.manual_seed(0)
+        net = MambaClinix(
+            3, 1, 3, features=(8, 16, 32, 32), strides=(1, 2, 2, 2), block_types=("hgcn", "hgcn", "mamba", "mamba"),
+            hgcn_orders=(2, 3), deep_supervision=True,
+        )
+        x = torch.randn(2, 1, 16, 16, 16)
+        target = torch.randint(0, 3, (2, 16, 16, 16))
+
+        def grads():
+            net.zero_grad(set_to_none=True)
+            torch.manual_seed(1)  # the same stochastic-depth draws in both runs
+            outputs = net(x)
+            loss = sum(F.cross_entropy(o, F.interpolate(target[:, None].float(), o.shape[2:]).long()[:, 0])
+                       for o in outputs)
+            loss.backward()
+            return outputs, loss, {n: p.grad.clone() for n, p in net.named_parameters()}
+
+        outputs, loss, fast = grads()
+        names = _grad_fn_names(loss)
+        self.assertIn("_ConvolutionBackward", names)
+        self.assertIn("_InstanceNormBackward", names)
+        with cpu_backward.native_backward():
+            outputs_ref, loss_ref, native = grads()
+        self.assertNotIn("_ConvolutionBackward", _grad_fn_names(loss_ref))
+        for o, o_ref in zip(outputs, outputs_ref):
+            torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+        self.assertEqual(set(fast), set(native))
+        # float32 rounding: relative to the largest gradient (a bias before a norm has a true gradient of 0, which
+        # both backward passes give as rounding noise)
+        scale = max(g.abs().max().item() for g in native.values())
+        for name in native:
+            torch.testing.assert_close(fast[name], native[name], atol=1e-5 * scale, rtol=1e-3, msg=name)
+
+
+if __name__ == "__main__":
+    unittest.main()
