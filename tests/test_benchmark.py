@@ -560,9 +560,10 @@ if __name__ == "__main__":
 class TestContention(unittest.TestCase):
     @staticmethod
     def _results(cpu_by_model):
-        return {"models": {m: {"64": {"forward": {"measurements": [{"cpu_s": c, "wall_s": c, "load_1min": 3.0}
-                                                                    for c in calls]}}}
-                           for m, calls in cpu_by_model.items()}}
+        return {"models": {m: {"params": 1, "sizes": {"64": {
+            "flops": {"total": 1.0},
+            "forward": {"median_s": 1.0, "measurements": [{"cpu_s": c, "wall_s": c, "load_1min": 3.0} for c in calls]},
+        }}} for m, calls in cpu_by_model.items()}}
 
     def test_summarise(self):
         from scripts.benchmark.contention import summarise
@@ -571,7 +572,8 @@ class TestContention(unittest.TestCase):
         loaded = [self._results({"a": [3.0, 4.0], "b": [4.0, 5.0]}), self._results({"a": [5.0], "b": [6.0, 4.0]})]
         rows = {r["model"]: r for r in summarise(quiet, loaded)}
         self.assertEqual(set(rows), {"a", "b"})  # c was not timed under contention
-        self.assertEqual(rows["a"]["quiet_cpu_s"], 2.0)
+        self.assertEqual(rows["a"]["quiet_cpu"]["median"], 2.0)
+        self.assertAlmostEqual(rows["a"]["worst_ratio"], 2.5)
         self.assertEqual(rows["a"]["loaded_cpu"]["median"], 4.0)
         self.assertEqual((rows["a"]["loaded_cpu"]["min"], rows["a"]["loaded_cpu"]["max"], rows["a"]["loaded_cpu"]["n"]),
                          (3.0, 5.0, 3))
@@ -584,4 +586,23 @@ class TestContention(unittest.TestCase):
         with mock.patch("sys.stderr") as err:
             self.assertEqual(main(["--copies", "1", "--out", "x", "--", "--quick"]), 2)
             self.assertEqual(main(["--copies", "2"]), 2)  # no --out
+            with tempfile.TemporaryDirectory() as tmp:
+                self.assertEqual(main(["--out", tmp, "--render-only"]), 2)  # nothing to summarise
         self.assertIn("ERROR:", "".join(c.args[0] for c in err.write.call_args_list))
+
+
+class TestNativeBackwardOption(unittest.TestCase):
+    def test_nativebwd_trains_with_pytorchs_backward(self):
+        from scripts.benchmark.workload import Workload
+        from scripts.networks import cpu_backward
+
+        calls = {}
+        for name in ("mambaclinix_demo", "mambaclinix_demo+nativebwd"):
+            torch.manual_seed(0)
+            work = Workload(name, torch.device("cpu"), train_batch=2)
+            with mock.patch.object(cpu_backward, "convolution", wraps=cpu_backward.convolution) as conv:
+                loss = work.train_step(16)()
+            self.assertTrue(torch.isfinite(loss))
+            calls[name] = conv.call_count
+        self.assertGreater(calls["mambaclinix_demo"], 0)
+        self.assertEqual(calls["mambaclinix_demo+nativebwd"], 0)

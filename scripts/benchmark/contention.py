@@ -35,25 +35,24 @@ _PHASE_OFF = ["--no-memory", "--no-sliding", "--scaling-sizes"]
 
 def _cpu_times(results: dict[str, Any]) -> dict[tuple[str, str, str], list[float]]:
     """Process CPU seconds of every timed call of a benchmark ``results.json``, by (model, size, mode)."""
-    out: dict[tuple[str, str, str], list[float]] = {}
-    for model, by_size in results.get("models", {}).items():
-        for size, by_mode in by_size.items():
-            for mode, result in by_mode.items():
-                calls = [m["cpu_s"] for m in result.get("measurements", [])] if isinstance(result, dict) else []
+    return {key: [m["cpu_s"] for m in calls] for key, calls in _measurements(results).items()}
+
+
+def _measurements(results: dict[str, Any]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """The timed calls of a benchmark ``results.json`` (``models.<model>.sizes.<edge>.<mode>.measurements``), by
+    (model, size, mode)."""
+    out: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for model, entry in results.get("models", {}).items():
+        for size, by_mode in entry.get("sizes", {}).items():
+            for mode in ("forward", "train"):
+                calls = by_mode.get(mode, {}).get("measurements", []) if isinstance(by_mode.get(mode), dict) else []
                 if calls:
                     out[(model, size, mode)] = calls
     return out
 
 
 def _loads(results: dict[str, Any]) -> list[float]:
-    return [
-        m["load_1min"]
-        for by_size in results.get("models", {}).values()
-        for by_mode in by_size.values()
-        for result in by_mode.values()
-        for m in result.get("measurements", [])
-        if m.get("load_1min") is not None
-    ]
+    return [m["load_1min"] for calls in _measurements(results).values() for m in calls if m.get("load_1min") is not None]
 
 
 def summarise(quiet: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,8 +63,9 @@ def summarise(quiet: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> list[d
         loaded: ``results.json`` of each copy run at the same time.
 
     Returns:
-        Rows with ``model``, ``size``, ``mode``, ``quiet_cpu_s`` (median), ``loaded_cpu`` (:func:`spread` of the CPU
-        seconds of all the copies' calls) and ``ratio`` (loaded median / quiet median).
+        Rows with ``model``, ``size``, ``mode``, ``quiet_cpu`` and ``loaded_cpu`` (:func:`spread` of the CPU seconds
+        of the calls alone and of all the copies' calls), ``ratio`` (loaded median / quiet median) and
+        ``worst_ratio`` (loaded maximum / quiet median).
     """
     alone = _cpu_times(quiet)
     busy: dict[tuple[str, str, str], list[float]] = {}
@@ -76,10 +76,10 @@ def summarise(quiet: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> list[d
     for key in alone:
         if key not in busy:
             continue
-        q = statistics.median(alone[key])
-        b = spread(busy[key])
-        rows.append({"model": key[0], "size": key[1], "mode": key[2], "quiet_cpu_s": q, "loaded_cpu": b,
-                     "ratio": b["median"] / q if q > 0 else None})
+        q, b = spread(alone[key]), spread(busy[key])
+        rows.append({"model": key[0], "size": key[1], "mode": key[2], "quiet_cpu": q, "loaded_cpu": b,
+                     "ratio": b["median"] / q["median"] if q["median"] > 0 else None,
+                     "worst_ratio": b["max"] / q["median"] if q["median"] > 0 else None})
     return rows
 
 
@@ -91,15 +91,17 @@ def _markdown(rows: list[dict[str, Any]], command: list[str], copies: int, loads
         f"- {copies} copies of the benchmark at once after one run alone; 1-minute load average during the copies' "
         f"calls: {min(loads):.1f}-{max(loads):.1f}" if loads else f"- {copies} copies at once after one run alone",
         "",
-        "| model | patch | phase | CPU s / call alone (median) | under contention: median [min-max] (n) | ratio |",
-        "|---|---|---|---|---|---|",
+        "| model | patch | phase | CPU s / call alone: median [min-max] (n) | under contention: median [min-max] (n) "
+        "| ratio of medians | worst call / median alone |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        b = r["loaded_cpu"]
+        q, b = r["quiet_cpu"], r["loaded_cpu"]
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        worst = "-" if r["worst_ratio"] is None else f"{r['worst_ratio']:.2f}"
         lines.append(
-            f"| {r['model']} | {r['size']}^3 | {r['mode']} | {r['quiet_cpu_s']:.2f} | "
-            f"{b['median']:.2f} [{b['min']:.2f}-{b['max']:.2f}] ({b['n']}) | {ratio} |"
+            f"| {r['model']} | {r['size']}^3 | {r['mode']} | {q['median']:.2f} [{q['min']:.2f}-{q['max']:.2f}] ({q['n']}) | "
+            f"{b['median']:.2f} [{b['min']:.2f}-{b['max']:.2f}] ({b['n']}) | {ratio} | {worst} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -107,8 +109,8 @@ def _markdown(rows: list[dict[str, Any]], command: list[str], copies: int, loads
 def _benchmark(args: list[str], out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "scripts.benchmark", *args, *_PHASE_OFF, "--out", str(out)]
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "benchmark.log", "w")  # noqa: SIM115 - closed with the process by the caller's wait
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    with open(out / "benchmark.log", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
 def _finish(proc: subprocess.Popen, out: Path) -> dict[str, Any]:
@@ -124,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="python -m scripts.benchmark.contention", description=__doc__.split("\n\n")[0])
     p.add_argument("--copies", type=int, default=2, help="copies of the benchmark run at the same time (>= 2)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--render-only", action="store_true",
+                   help="summarise the results.json files already in OUT/quiet and OUT/copy1..N without running")
     p.add_argument("benchmark_args", nargs=argparse.REMAINDER, help="-- then the arguments of python -m scripts.benchmark")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -135,17 +139,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     bench = [a for a in args.benchmark_args if a != "--"]
     out = Path(args.out)
-    logger.info("the benchmark alone -> %s", out / "quiet")
-    quiet = _finish(_benchmark(bench, out / "quiet"), out / "quiet")
-    logger.info("%d copies at once -> %s/copy*", args.copies, out)
-    procs = [(_benchmark(bench, out / f"copy{i + 1}"), out / f"copy{i + 1}") for i in range(args.copies)]
-    try:
-        loaded = [_finish(proc, folder) for proc, folder in procs]
-    except RuntimeError as e:
-        for proc, _ in procs:
-            proc.kill()
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
+    folders = [out / f"copy{i + 1}" for i in range(args.copies)]
+    if args.render_only:
+        missing = [str(f / "results.json") for f in [out / "quiet", *folders] if not (f / "results.json").is_file()]
+        if missing:
+            print(f"ERROR: --render-only needs {', '.join(missing)}", file=sys.stderr)
+            return 2
+        quiet = json.loads((out / "quiet" / "results.json").read_text())
+        loaded = [json.loads((f / "results.json").read_text()) for f in folders]
+    else:
+        logger.info("the benchmark alone -> %s", out / "quiet")
+        try:
+            quiet = _finish(_benchmark(bench, out / "quiet"), out / "quiet")
+            logger.info("%d copies at once -> %s/copy*", args.copies, out)
+            procs = [_benchmark(bench, folder) for folder in folders]
+            try:
+                loaded = [_finish(proc, folder) for proc, folder in zip(procs, folders)]
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+        except RuntimeError as e:
+            print(f"ERROR: {e}", file=sys.stderr)
+            return 1
     rows = summarise(quiet, loaded)
     command = ["python", "-m", "scripts.benchmark.contention", *(argv if argv is not None else sys.argv[1:])]
     loads = [x for results in loaded for x in _loads(results)]

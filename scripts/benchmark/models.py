@@ -2,7 +2,8 @@
 """The networks the benchmarks compare: their names, ``+`` options, patch-edge rules and construction.
 
 A model name is a base name (a key of :data:`MODELS`) with optional ``+`` options (:data:`OPTIONS`):
-``+cl`` (channels_last_3d weights and input), ``+bf16`` (bfloat16 autocast), ``+compile``
+``+cl`` (channels_last_3d weights and input), ``+bf16`` (bfloat16 autocast), ``+nativebwd`` (PyTorch's own CPU backward
+instead of :mod:`scripts.networks.cpu_backward`'s), ``+compile``
 (``torch.compile(dynamic=False)``), ``+freeze`` (the same with Inductor's ``freezing``: inference only); for the
 MambaClinix models also ``+cf`` (``channels_last=False``: channels-first memory, PyTorch's default; MambaClinix itself
 runs channels-last on CPU), ``+ckpt`` (``gradient_checkpointing=True``, by sub-step), ``+ckptblock``
@@ -59,7 +60,7 @@ MODELS = {
 }
 """Base model names and what they build (in 1 channel, out 2 classes)."""
 
-OPTIONS = ("cl", "cf", "ckpt", "ckptblock", "bf16", "compile", "freeze", "naive", "chunked", "cuda")
+OPTIONS = ("cl", "cf", "ckpt", "ckptblock", "bf16", "nativebwd", "compile", "freeze", "naive", "chunked", "cuda")
 """The ``+`` options a model name may carry (see the module docstring)."""
 DEFAULT_MODELS = ("mambaclinix", "mambaclinix_demo", "umamba_bot", "dynunet", "swinunetr", "segresnet")
 """The models a benchmark run compares unless told otherwise."""

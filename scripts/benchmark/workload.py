@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scripts.benchmark.models import build_model, count_parameters, parse_model_name
+from scripts.networks import cpu_backward
 
 __all__ = ["Workload", "synchronize", "timed"]
 
@@ -40,6 +42,7 @@ class Workload:
         self.device = device
         self.channels_last = "cl" in opts
         self.bf16 = "bf16" in opts
+        self.native_backward = "nativebwd" in opts
         self.model = build_model(name).to(device)
         self.params = count_parameters(self.model)
         if self.channels_last:
@@ -85,7 +88,8 @@ class Workload:
 
     def train_step(self, size: int) -> Callable[[], Any]:
         """A call running one training step on a fixed random batch of ``train_batch`` cubes of edge ``size``:
-        forward, cross-entropy against random labels, backward and an optimizer step.
+        forward, cross-entropy against random labels, backward and an optimizer step (with ``+nativebwd`` inside
+        :func:`scripts.networks.cpu_backward.native_backward`).
 
         Raises:
             ValueError: the model carries ``+freeze`` (inference only).
@@ -99,10 +103,11 @@ class Workload:
         def run():
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                out = self.fn(x)
-            loss = F.cross_entropy(out.float(), target)
-            loss.backward()
+            with cpu_backward.native_backward() if self.native_backward else contextlib.nullcontext():
+                with self._autocast():
+                    out = self.fn(x)
+                loss = F.cross_entropy(out.float(), target)
+                loss.backward()
             self.optimizer.step()
             return loss.detach()
 

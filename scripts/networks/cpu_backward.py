@@ -162,7 +162,7 @@ class _InstanceNorm(torch.autograd.Function):
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) = scale * dy + coef_x * x + const
             coef_x = -scale * rstd * sum_dy_xhat / n
             const = -scale * sum_dy / n - coef_x * mean
-            grad_rows_x = torch.addcmul(torch.addcmul(const, rows, coef_x), grad_rows, scale)
+            grad_rows_x = torch.addcmul(const, rows, coef_x).addcmul_(grad_rows, scale)  # one full-size buffer
             grad_x = grad_rows_x.view(batch, *x.shape[2:], channels).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
         if weight is not None and need_w:
             grad_w = sum_dy_xhat.sum((0, 1))
