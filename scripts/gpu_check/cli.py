@@ -45,7 +45,6 @@ sliding_window are recorded only); 1 when parity, amp_training or distributed fa
 """
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m scripts.gpu_check`` (defaults ``None`` resolve to CUDA / CPU defaults)."""
     p = OneLineArgumentParser(prog="python -m scripts.gpu_check", description=_DESCRIPTION, epilog=_EPILOG,

@@ -22,30 +22,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch._subclasses.fake_tensor import is_fake
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import cpu_backward
+from . import cpu_backward, dispatch
 
 __all__ = ["OneDNNConv2d", "OneDNNConv3d", "conv_layer"]
 
 
 def _use_onednn(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> bool:
-    """Whether ``conv(x)`` should call oneDNN directly instead of PyTorch's backend heuristic."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: keeps the graph free of these checks
-        return False
-    if _get_current_dispatch_mode() is not None or is_fake(x):  # FlopCounterMode, FakeTensorMode, make_fx...
-        return False  # they know aten.convolution, not the backend op
+    """Whether ``conv(x)`` should call oneDNN directly instead of PyTorch's backend heuristic
+    (:mod:`scripts.networks.dispatch`)."""
     return (
-        x.shape[0] == 1  # larger batches already reach oneDNN
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and conv.weight.dtype == torch.float32
+        dispatch.plain_eager(x)
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled("cpu")
+        and dispatch.onednn_batch1(x, conv.weight)
     )
 
 

@@ -26,9 +26,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .dispatch import convolve, plain_eager
 
 __all__ = ["applies", "convolution", "group_norm_forward", "instance_norm", "is_channels_last", "native_backward"]
 
@@ -51,20 +51,10 @@ def applies(*tensors: torch.Tensor | None) -> bool:
     is being recorded, in eager mode, outside autocast and outside :func:`native_backward`."""
     if getattr(_state, "off", False) or not torch.is_grad_enabled():
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
-        return False
     present = [t for t in tensors if t is not None]
-    if torch.is_autocast_enabled("cpu") or not any(t.requires_grad for t in present):
+    if not plain_eager(*present) or torch.is_autocast_enabled("cpu") or not any(t.requires_grad for t in present):
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not is_fake(t) for t in present)
-
-
-def _forward_conv(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
-    if x.shape[0] == 1 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
-        # batch 1: straight to oneDNN (PyTorch's heuristic would pick a slow native loop, see scripts.networks.conv)
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-    zeros = [0] * (x.ndim - 2)
-    return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present)
 
 
 def _depthwise_same_stride(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups) -> bool:
@@ -83,7 +73,7 @@ class _Convolution(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight)
         ctx.conf = (tuple(stride), tuple(padding), tuple(dilation), groups, bias is not None)
-        return _forward_conv(x, weight, bias, stride, padding, dilation, groups)
+        return convolve(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     @once_differentiable
@@ -95,7 +85,7 @@ class _Convolution(torch.autograd.Function):
         spatial = tuple(range(2, x.ndim))
         if need_x and _depthwise_same_stride(x, weight, stride, padding, dilation, groups):
             full = [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
-            grad_x = _forward_conv(grad, weight.flip(spatial), None, [1] * len(spatial), full, [1] * len(spatial), groups)
+            grad_x = convolve(grad, weight.flip(spatial), None, [1] * len(spatial), full, [1] * len(spatial), groups)
             need_x = False
         if need_x or need_w:
             zeros = [0] * len(spatial)
