@@ -10,7 +10,18 @@ DEMO_EPOCHS ?= 12
 DEMO_ITERS ?= 12
 DEMO_VAL ?= 4
 
-.PHONY: setup data plan train evaluate inference demo test test-cuda-paths clean-demo label-server test-label
+# lesion workflow (Mamba-HUNet, 2D) on synthetic FLAIR lesions: a CPU-sized network trained on 64 x 64 crops
+LESION_DIR ?= data/lesions
+LESION_TRAIN ?= 12
+LESION_TEST ?= 6
+LESION_EPOCHS ?= 70
+HUNET_BUNDLE_ARGS := --meta_file configs/hunet_metadata.json --bundle_root . --logging_file configs/logging.conf
+HUNET_DEMO_ARGS := --img_size 192 --embed_dims "[16,32,64,128]" --depths "[1,1,1,1]" --d_state 8 --train_patch 64
+HUNET_EVAL := $(PY) -m monai.bundle run evaluating --config_file "['configs/hunet_train.yaml','configs/hunet_evaluate.yaml']" \
+	$(HUNET_BUNDLE_ARGS) $(HUNET_DEMO_ARGS)
+
+.PHONY: setup data plan train evaluate inference demo test test-cuda-paths clean-demo label-server test-label \
+	lesion-data lesion-model demo-lesions
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +58,31 @@ demo: setup
 	print('held-out mean Dice: %.4f (per class over the cases, then the mean over the classes)' % m['mean_dice'])" && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s; metrics in eval/demo_metrics.json, segmentation and overlay in eval/inference/"
 
+lesion-data: setup
+	test -f data/mni/raw/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz || $(PY) -m scripts.demo.data --output data --which mni
+	$(PY) -m scripts.lesions.generate --mni_dir data/mni/raw --output $(LESION_DIR) --train $(LESION_TRAIN) --val 1 \
+		--test $(LESION_TEST) --seed 0
+
+# models/hunet_model.pt (with its configuration recorded), which python -m scripts.hunet.service serves
+lesion-model: lesion-data
+	$(PY) -m monai.bundle run training --config_file configs/hunet_train.yaml $(HUNET_BUNDLE_ARGS) $(HUNET_DEMO_ARGS) \
+		--dataset_dir $(LESION_DIR) --datalist $(LESION_DIR)/datalist.json --epochs $(LESION_EPOCHS) \
+		--val_interval $(LESION_EPOCHS) --batch_size 8 --pos_ratio 3 --learning_rate 0.002 --loss#batch true
+
+demo-lesions: setup
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory lesion-model && \
+	$(PY) -m scripts.demo.data --output data --which pyradiomics && \
+	$(HUNET_EVAL) --dataset_dir $(LESION_DIR) --datalist $(LESION_DIR)/datalist.json --eval_split test \
+		--output_dir eval/lesions/synthetic && \
+	$(HUNET_EVAL) --dataset_dir data/pyradiomics --datalist data/pyradiomics/datalist_brain.json --eval_split all \
+		--output_dir eval/lesions/real && \
+	$(PY) -m scripts.demo.lesions --set "synthetic test=eval/lesions/synthetic/metrics.json" \
+		--set "real MRI (pyradiomics brain1, brain2)=eval/lesions/real/metrics.json" --datalist $(LESION_DIR)/datalist.json \
+		--output eval/lesions && \
+	echo "demo-lesions wall time: $$(( $$(date +%s) - start )) s; summary in eval/lesions/summary.md; serve the model with" \
+		"python -m scripts.hunet.service (http://127.0.0.1:8008/)"
+
 test: setup
 	test -f data/mni/raw/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz || $(PY) -m scripts.demo.data --output data --which mni
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 tests
@@ -58,7 +94,7 @@ test-cuda-paths:
 	.venv-cuda-ref/bin/python -m pytest -q -p no:cacheprovider --timeout 900 -W ignore::DeprecationWarning tests/test_cuda_paths.py
 
 clean-demo:
-	rm -rf models/*.pt runs eval configs/plan.yaml
+	rm -rf models/*.pt runs eval configs/plan.yaml $(LESION_DIR)
 
 # MONAI Label 0.8.5 backend (its own virtual environment .venv-label: torch 2.14.1 + torchvision, see docs/monailabel.md)
 label-server: setup

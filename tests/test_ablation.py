@@ -1,6 +1,7 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """scripts.experiments.ablation_loss: the loss ablation through the bundle's own train and inference workflows,
-at the tiniest size (two small generated lesion cases, 2 settings, 1 seed, 1 epoch of 2 iterations)."""
+at the tiniest size (three small lesion cases in a generated dataset's layout, 2 settings, 1 seed, 1 epoch of 2
+iterations)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 import nrrd
 import numpy as np
 
-from scripts.experiments.ablation_loss import SETTINGS, loss_overrides, main
+from scripts.experiments.ablation_loss import (
+    CASES, METRICS, SETTINGS, case_lists, loss_overrides, main, pooled_counts,
+)
 from tests.utils import ROOT
 
 
@@ -38,11 +41,15 @@ class TestAblation(unittest.TestCase):
         cls.tmp = Path(tempfile.mkdtemp())
         cls.data = cls.tmp / "data"
         cls.data.mkdir()
-        _write_case(cls.data, "brain1", 0)
-        _write_case(cls.data, "brain2", 1)
+        for i in range(3):
+            _write_case(cls.data, f"brain{i + 1}", i)
+        # the layout of a generated dataset (scripts.lesions.generate): two held-out volumes, pooled
+        (cls.data / "datalist.json").write_text(json.dumps({
+            "training": [{"image": "brain1_image.nrrd", "label": "brain1_label.nrrd"}],
+            "test": [{"image": f"brain{i}_image.nrrd", "label": f"brain{i}_label.nrrd"} for i in (2, 3)]}))
         cls.output = cls.tmp / "out" / "ablation.json"
-        cls.code = main(["--case", "brain", "--steps", "2", "--epochs", "1", "--seeds", "0", "--settings", "a", "c",
-                         "--patch", "16", "16", "4", "--threads", "2", "--data-dir", str(cls.data),
+        cls.code = main(["--case", "synthetic", "--steps", "2", "--epochs", "1", "--seeds", "0", "--settings", "a",
+                         "c", "--patch", "16", "16", "4", "--threads", "2", "--data-dir", str(cls.data),
                          "--work-dir", str(cls.tmp / "work"), "--output", str(cls.output)])
         cls.report = json.loads(cls.output.read_text())
 
@@ -64,12 +71,16 @@ class TestAblation(unittest.TestCase):
         self.assertEqual([(r["setting"], r["seed"]) for r in report["runs"]], [("a", 0), ("c", 0)])
         for run in report["runs"]:
             self.assertTrue({"setting", "seed", "steps", "loss", "train_loss", "train_s", "test", "train_case",
-                             "eval_s"} <= set(run))
+                             "test_cases", "eval_s"} <= set(run))
             self.assertEqual(run["steps"], 2)
             self.assertEqual(len(run["train_loss"]), 1)  # the mean of every 50 iterations
+            self.assertEqual(len(run["test_cases"]), 2)
             for part in ("test", "train_case"):
-                self.assertEqual(set(run[part]), {"dice", "recall", "precision", "tp", "fp", "fn"})
+                self.assertEqual(set(run[part]), {*METRICS, "tp", "fp", "fn", "gt_lesions", "detected_lesions",
+                                                  "pred_lesions", "lesion_fp"})
                 self.assertEqual(run[part]["tp"] + run[part]["fn"] > 0, True)  # the label was read on its grid
+            self.assertEqual(run["test"]["gt_lesions"], 2)  # one lesion per held-out case, pooled
+            self.assertEqual(run["test"]["fn"], sum(c["fn"] for c in run["test_cases"]))
         self.assertEqual(set(report["summary"]), {"a", "c"})
         self.assertEqual(set(report["paired"]), {"c"})
         self.assertIn("test_dice", report["summary"]["a"])
@@ -85,7 +96,7 @@ class TestAblation(unittest.TestCase):
         # the shared plan went to both workflows: the run kept its plan file and a segmentation per case
         work = self.tmp / "work"
         self.assertTrue((work / "plan.yaml").is_file())
-        self.assertEqual(len(list((work / "c_seed0" / "eval").rglob("*.nii.gz"))), 2)
+        self.assertEqual(len(list((work / "c_seed0" / "eval").rglob("*.nii.gz"))), 3)  # 2 held-out, 1 training
 
     def test_markdown(self):
         text = self.output.with_suffix(".md").read_text()
@@ -97,6 +108,25 @@ class TestAblation(unittest.TestCase):
         shutil.copy(ROOT / "docs" / "ablation_loss.json", copy)
         self.assertEqual(main(["--markdown-only", "--output", str(copy)]), 0)
         self.assertIn("| a | CE + Dice (baseline) |", copy.with_suffix(".md").read_text())
+
+    def test_pooled_counts(self):
+        # two predicted lesions touch the one detected reference lesion: precision counts predicted lesions
+        cases = [dict(tp=3, fp=1, fn=1, gt_lesions=2, detected_lesions=1, pred_lesions=3, lesion_fp=1),
+                 dict(tp=0, fp=0, fn=4, gt_lesions=3, detected_lesions=0, pred_lesions=0, lesion_fp=0)]
+        pooled = pooled_counts(cases)
+        self.assertAlmostEqual(pooled["dice"], 6 / 12)
+        self.assertAlmostEqual(pooled["recall"], 3 / 8)
+        self.assertAlmostEqual(pooled["precision"], 3 / 4)
+        self.assertAlmostEqual(pooled["lesion_recall"], 1 / 5)
+        self.assertAlmostEqual(pooled["lesion_precision"], 2 / 3)
+        self.assertIsNone(pooled_counts(cases[1:])["precision"])  # nothing predicted: undefined, not 0
+
+    def test_case_lists(self):
+        self.assertEqual(case_lists(CASES["brain"], self.data),
+                         ([{"image": "brain1_image.nrrd", "label": "brain1_label.nrrd"}],
+                          [{"image": "brain2_image.nrrd", "label": "brain2_label.nrrd"}]))
+        with self.assertRaisesRegex(ValueError, "scripts.lesions.generate"):
+            case_lists(CASES["synthetic"], self.tmp / "nowhere")
 
     def test_ill_arguments(self):
         with self.assertRaises(ValueError):

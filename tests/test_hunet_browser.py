@@ -8,6 +8,7 @@ skipped (with the reason) when they are missing. Set HUNET_SCREENSHOT=/path/page
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import socket
@@ -162,6 +163,150 @@ class TestServiceLive(unittest.TestCase):
             self.assertEqual((mask.shape, mask.get_data_dtype()), ((40, 32, 5), np.uint8))
         finally:
             driver.quit()
+
+
+MNI_RAW = Path(__file__).resolve().parents[1] / "data" / "mni" / "raw"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "hunet_model.pt"
+
+
+def _lesion_model(folder: Path) -> tuple[Path, bool]:
+    """The model ``make lesion-model`` wrote (when present and trained on synthetic lesions), else a tiny one with a
+    config record whose weights mark every voxel as lesion; returns the checkpoint in ``folder/models`` and whether
+    it is the trained one."""
+    import torch
+
+    from scripts.hunet.checkpoint import ConfigRecord, recorded_config
+    from scripts.networks.mamba_hunet import MambaHUNet
+
+    target = folder / "models" / "hunet_model.pt"
+    target.parent.mkdir(parents=True)
+    if DEMO_MODEL.is_file():
+        record = recorded_config(torch.load(DEMO_MODEL, map_location="cpu", weights_only=True))
+        if record.get("synthetic_training_data"):
+            shutil.copy(DEMO_MODEL, target)
+            return target, True
+    net = MambaHUNet(img_size=32, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), d_state=4)
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.copy_(torch.tensor([0.0, 5.0]))
+    values = {"in_channels": 1, "out_channels": 2, "img_size": 32, "patch_size": 4, "embed_dims": [8, 16, 32, 64],
+              "depths": [1, 1, 1, 1], "d_state": 4, "train_patch": 32,
+              "intensity_percentiles": [0.5, 99.5], "intensity_clip": False,
+              "sharpen_sigma": 1.0, "sharpen_amount": 0.5, "slice_axis": 2,
+              "training_data": "Synthetic FLAIR-like volumes (test weights)", "synthetic_training_data": True}
+    torch.save({"model": net.state_dict(), "config": ConfigRecord(values).state_dict()}, target)
+    return target, False
+
+
+@unittest.skipUnless(MNI_RAW.is_dir(), f"MNI maps missing under {MNI_RAW}: python -m scripts.demo.data --which mni")
+@unittest.skipUnless(has_httpx and has_selenium and HAS_BROWSER, "httpx, selenium and chromium are needed")
+class TestServiceCommandOnGeneratedFlair(unittest.TestCase):
+    """``python -m scripts.hunet.service`` as a user starts it after ``make demo-lesions`` (the model in
+    ``<bundle_root>/models``, no size overrides), driven in chromium with a generated FLAIR volume and its tissue
+    map: the mask overlay, the lesion report with location classes, the slices to review, the synthetic-weights
+    notice."""
+
+    @classmethod
+    def setUpClass(cls):
+        import subprocess
+        import sys
+
+        from scripts.lesions.anatomy import load_anatomy
+        from scripts.lesions.generate import generate_dataset
+
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.tmp = Path(cls._tmp.name)
+        cls.ckpt, cls.trained = _lesion_model(cls.tmp / "bundle")
+        data = cls.tmp / "flair"
+        generate_dataset(load_anatomy(MNI_RAW), data, train=1, val=0, test=1, seed=5, lesion_load="high",
+                         test_lesion_load="high", shape=None if cls.trained else (48, 56, 12))
+        entry = json.loads((data / "datalist.json").read_text())["test"][0]
+        cls.image, cls.tissue, cls.label = (data / entry[k] for k in ("image", "tissue", "label"))
+        cls.port = free_port()
+        cls.base = f"http://127.0.0.1:{cls.port}"
+        root = Path(__file__).resolve().parents[1]
+        cls.proc = subprocess.Popen(
+            [sys.executable, "-m", "scripts.hunet.service", "--bundle_root", str(cls.tmp / "bundle"), "--config_file",
+             str(root / "configs" / "hunet_inference.yaml"), "--port", str(cls.port), "--device", "cpu"],
+            cwd=root, stdout=subprocess.DEVNULL, stderr=open(cls.tmp / "service.log", "wb"))
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(cls.base + "/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+            if cls.proc.poll() is not None:
+                break
+        else:
+            cls.proc.kill()
+        if cls.proc.poll() is not None:
+            raise RuntimeError("the service did not start: " + (cls.tmp / "service.log").read_text()[-2000:])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.proc.terminate()
+        cls.proc.wait(timeout=20)
+        cls._tmp.cleanup()
+
+    def test_generated_flair_with_tissue_map(self):
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        health = httpx.get(self.base + "/api/health").json()
+        self.assertTrue(health["model"]["synthetic_training_data"])
+        opts = Options()
+        opts.binary_location = CHROMIUM
+        for flag in CHROMIUM_FLAGS:
+            opts.add_argument(flag)
+        opts.add_argument(f"--user-data-dir={tempfile.mkdtemp(dir=self.tmp, prefix='chrome-profile-')}")
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+        try:
+            driver.set_page_load_timeout(30)
+            driver.get(self.base + "/")
+            wait = WebDriverWait(driver, 300)
+            wait.until(lambda d: d.find_element(By.ID, "model").text != "")
+            notice = driver.find_element(By.ID, "model").text
+            self.assertIn("synthetic FLAIR lesions", notice)
+            self.assertIn("not for clinical use", notice)
+            driver.find_element(By.ID, "file").send_keys(str(self.image))
+            driver.find_element(By.ID, "tissue").send_keys(str(self.tissue))
+            driver.find_element(By.ID, "submit").click()
+            wait.until(
+                lambda d: d.execute_script("return document.getElementById('canvas').dataset.ready !== undefined")
+                or d.find_element(By.ID, "error").text
+            )
+            self.assertEqual(driver.find_element(By.ID, "error").text, "")
+            self.assertRegex(driver.find_element(By.ID, "summary").text, r"^\d+ lesion\(s\), total")
+            self.assertIn("periventricular", driver.find_element(By.ID, "locations").text)
+            rows = driver.find_elements(By.CSS_SELECTOR, "#lesions tbody tr")
+            self.assertGreater(len(rows), 0)
+            locations = {r.find_elements(By.TAG_NAME, "td")[1].text for r in rows}
+            self.assertTrue(locations <= {"periventricular", "juxtacortical", "deep white matter", "infratentorial",
+                                          "other"}, locations)
+            buttons = driver.find_elements(By.CSS_SELECTOR, "#reviewSlices button")
+            self.assertGreater(len(buttons), 0)
+            buttons[-1].click()
+            k = int(buttons[-1].text) - 1
+            wait.until(lambda d: d.execute_script(f"return document.getElementById('canvas').dataset.ready === '{k}'"))
+            self.assertEqual(driver.find_element(By.ID, "sliceLabel").text.split(" / ")[0], str(k + 1))
+            shot = os.environ.get("HUNET_SCREENSHOT")
+            if shot:
+                driver.save_screenshot(shot.replace(".png", "_generated.png"))
+            result_id = driver.execute_script("return result.id")
+        finally:
+            driver.quit()
+        report = httpx.get(f"{self.base}/api/results/{result_id}/report").json()
+        self.assertEqual(report["num_lesions"], len(rows))
+        if self.trained:  # the demo's model finds lesions of the generated volume
+            from scripts.hunet.report import lesion_detection
+
+            mask = nib.Nifti1Image.from_bytes(gzip.decompress(
+                httpx.get(f"{self.base}/api/results/{result_id}/mask").content))
+            detected = lesion_detection(np.asarray(mask.dataobj), np.asarray(nib.load(self.label).dataobj))
+            self.assertGreater(detected["lesion_recall"], 0.3, detected)
 
 
 if __name__ == "__main__":

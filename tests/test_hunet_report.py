@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from parameterized import parameterized
+from skimage.measure import label as sk_label
 
 from scripts.handlers import MetricsJSONWriter
-from scripts.hunet.report import METRICS, case_metrics, lesion_report
+from scripts.hunet.locations import CSF, GREY_MATTER, INFRATENTORIAL, VENTRICLE, WHITE_MATTER
+from scripts.hunet.report import METRICS, OTHER_LOCATION, case_metrics, lesion_detection, lesion_report
 from scripts.hunet.transforms import EnsureVolumed, UnsharpMask
 from scripts.io_utils import safe_stem
 from scripts.transforms import AtomicSaveSegmentationd
@@ -65,6 +67,130 @@ class TestLesionReport(unittest.TestCase):
     def test_bad_args(self, mask, spacing, conn):
         with self.assertRaises(ValueError):
             lesion_report(mask, spacing, connectivity=conn)
+
+
+def tissue_phantom() -> np.ndarray:
+    """A 40 x 40 x 12 tissue map (1 mm voxels): a ventricle block in white matter, a grey matter rim at x >= 34,
+    CSF at x < 2, infratentorial tissue on slices 0-1."""
+    t = np.full((40, 40, 12), WHITE_MATTER, np.uint8)
+    t[18:22, 18:22, 4:8] = VENTRICLE
+    t[34:, :, :] = GREY_MATTER
+    t[:2] = CSF
+    t[:, :, :2] = INFRATENTORIAL
+    return t
+
+
+class TestLesionLocations(unittest.TestCase):
+    @parameterized.expand([
+        ("periventricular", (23, 19, 5), 1),  # 2 mm from the ventricle
+        ("juxtacortical", (31, 10, 6), 1),  # 3 mm from the grey matter, 12 mm from the ventricle
+        ("deep_white_matter", (10, 30, 6), 1),
+        ("infratentorial", (10, 10, 0), 1),
+        (OTHER_LOCATION, (37, 30, 6), 1),  # in the grey matter
+        ("periventricular", (24, 20, 6), 2),  # a 5-voxel cross centred 3 mm from the ventricle
+    ])
+    def test_location_of_lesion(self, expected, centre, radius):
+        mask = np.zeros((40, 40, 12), np.uint8)
+        x, y, z = centre
+        mask[x, y, z] = 1
+        if radius > 1:
+            mask[x - 1: x + 2, y, z] = mask[x, y - 1: y + 2, z] = 1
+        rep = lesion_report(mask, (1.0, 1.0, 1.0), tissue=tissue_phantom())
+        self.assertEqual(rep["lesions"][0]["location"], expected)
+        self.assertEqual(rep["location_counts"][expected], 1)
+        self.assertEqual(sum(rep["location_counts"].values()), 1)
+
+    def test_spacing_changes_the_class(self):
+        mask = np.zeros((40, 40, 12), np.uint8)
+        mask[27, 19, 5] = 1  # 6 voxels from the ventricle: periventricular only with voxels below 5/6 mm
+        self.assertEqual(lesion_report(mask, (1.0, 1.0, 1.0), tissue=tissue_phantom())["lesions"][0]["location"],
+                         "deep_white_matter")
+        self.assertEqual(lesion_report(mask, (0.8, 0.8, 0.8), tissue=tissue_phantom())["lesions"][0]["location"],
+                         "periventricular")
+
+    def test_curved_lesion_uses_a_voxel_inside(self):
+        # an L-shaped lesion (centroid (7.6, 7.6) outside it) whose far end touches grey matter
+        mask = np.zeros((40, 40, 12), np.uint8)
+        mask[5:16, 5, 6] = 1
+        mask[5, 5:16, 6] = 1
+        tissue = tissue_phantom()
+        tissue[2:8, 16:20, :] = GREY_MATTER
+        rep = lesion_report(mask, (1.0, 1.0, 1.0), tissue=tissue)
+        self.assertEqual(rep["lesions"][0]["location"], "deep_white_matter")  # at (5, 7) or (7, 5), not at an end
+
+    def test_key_slices(self):
+        mask = np.zeros((40, 40, 12), np.uint8)
+        mask[5:8, 5:8, 3] = 1
+        mask[5, 5, 2] = mask[5, 5, 4] = 1  # the largest cross-section on slice 3
+        mask[30, 30, 9] = 1
+        rep = lesion_report(mask, (1.0, 1.0, 1.0))
+        self.assertEqual([les["key_slice"] for les in rep["lesions"]], [3, 9])
+        self.assertEqual(rep["slices_to_review"], [3, 9])
+        self.assertEqual(rep["slices_involved"], [2, 3, 4, 9])
+        self.assertNotIn("location_counts", rep)  # no tissue map: no location claimed
+        self.assertNotIn("location", rep["lesions"][0])
+
+    @parameterized.expand([
+        ("shape", np.zeros((40, 40, 11), np.uint8)),
+        ("values", np.full((40, 40, 12), 9, np.uint8)),
+        ("probabilities", np.full((40, 40, 12), 0.5, np.float32)),
+    ])
+    def test_bad_tissue(self, _, tissue):
+        with self.assertRaises(ValueError):
+            lesion_report(np.zeros((40, 40, 12), np.uint8), (1, 1, 1), tissue=tissue)
+
+
+class TestLesionDetection(unittest.TestCase):
+    @staticmethod
+    def reference(pred, label, connectivity):
+        """Lesion-wise counts with scikit-image's labelling and explicit loops over the components."""
+        g, n_gt = sk_label(label, connectivity=connectivity, return_num=True)
+        p, n_pred = sk_label(pred, connectivity=connectivity, return_num=True)
+        detected = sum(bool(pred[g == i].any()) for i in range(1, n_gt + 1))
+        fp = sum(not label[p == i].any() for i in range(1, n_pred + 1))
+        return n_gt, n_pred, detected, fp
+
+    @parameterized.expand([(seed, shape, conn) for seed in range(3) for shape, conn in
+                           (((24, 24, 10), 3), ((24, 24, 10), 1), ((40, 40), 2), ((40, 40), 1))])
+    def test_against_reference(self, seed, shape, connectivity):
+        rng = np.random.default_rng(seed)
+        label = rng.random(shape) > 0.93
+        pred = np.logical_or(label & (rng.random(shape) > 0.5), rng.random(shape) > 0.96)
+        d = lesion_detection(pred, label, connectivity)
+        n_gt, n_pred, detected, fp = self.reference(pred, label, connectivity)
+        self.assertGreater(n_gt, 5)
+        self.assertEqual((d["gt_lesions"], d["pred_lesions"], d["detected_lesions"], d["lesion_fp"]),
+                         (n_gt, n_pred, detected, fp))
+        self.assertAlmostEqual(d["lesion_recall"], detected / n_gt)
+        self.assertAlmostEqual(d["lesion_precision"], (n_pred - fp) / n_pred)
+
+    def test_known_case_and_case_metrics(self):
+        label = np.zeros((12, 12, 4), np.uint8)
+        label[1:3, 1:3, 1] = 1  # found
+        label[8, 8, 2] = 1  # missed
+        label[5:7, 9:11, 0:2] = 1  # found through one voxel
+        pred = np.zeros_like(label)
+        pred[2, 2, 1] = pred[6, 10, 1] = 1
+        pred[10, 1, 3] = 1  # false positive
+        m = case_metrics(pred[None], label[None], (1.0, 1.0, 1.0))
+        self.assertEqual((m["gt_lesions"], m["pred_lesions"], m["detected_lesions"], m["lesion_fp"]), (3, 3, 2, 1))
+        self.assertAlmostEqual(m["lesion_recall"], 2 / 3)
+        self.assertAlmostEqual(m["lesion_precision"], 2 / 3)
+
+    def test_empty(self):
+        d = lesion_detection(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)))
+        self.assertEqual((d["gt_lesions"], d["pred_lesions"], d["lesion_fp"]), (0, 0, 0))
+        self.assertTrue(math.isnan(d["lesion_recall"]) and math.isnan(d["lesion_precision"]))
+
+    @parameterized.expand([
+        (np.zeros((4, 4, 4)), np.zeros((4, 4, 3)), None),
+        (np.zeros((2, 4, 4, 4)), np.zeros((2, 4, 4, 4)), None),
+        (np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), 4),
+        (np.zeros((4, 4)), np.zeros((4, 4)), 3),
+    ])
+    def test_bad_args(self, pred, label, connectivity):
+        with self.assertRaises(ValueError):
+            lesion_detection(pred, label, connectivity)
 
 
 class TestCaseMetrics(unittest.TestCase):

@@ -111,6 +111,54 @@ class TestHUNetService(_ServiceCase):
         )
         self.assertEqual(sorted(p.name for p in self.work.iterdir() if not p.is_dir()), [])
 
+    def post_with_tissue(self, image: bytes, tissue: bytes, field: str = "tissue"):
+        return self.client.post("/api/segment", files=[("file", ("flair.nii.gz", image, "application/octet-stream")),
+                                                       (field, ("tissue.nii.gz", tissue, "application/octet-stream"))])
+
+    def test_tissue_map_gives_locations(self):
+        image, affine = nifti_bytes()
+        tissue = np.full((20, 18, 4), 4, np.uint8)  # white matter
+        tissue[:, :, 0] = 5  # infratentorial slice
+        r = self.post_with_tissue(image, gzip.compress(nib.Nifti1Image(tissue, affine).to_bytes()))
+        self.assertEqual(r.status_code, 200, r.text)
+        report = r.json()["report"]
+        self.assertEqual(report["num_lesions"], 1)  # every voxel is lesion with these weights
+        self.assertEqual(report["lesions"][0]["location"], "deep_white_matter")  # the voxel nearest the centroid
+        self.assertEqual(report["location_counts"]["deep_white_matter"], 1)
+        self.assertEqual(report["tissue_map"], "tissue.nii.gz")
+        self.assertEqual(report["slices_to_review"], [0])  # the slices hold equal areas: the first
+        files = sorted(p.name for p in (self.work / r.json()["id"]).iterdir())
+        self.assertEqual(
+            files,
+            ["display_image.npy", "display_mask.npy", "input.nii.gz", "mask.nii.gz", "report.json", "result.json"],
+        )
+        without = self.post("flair.nii.gz", image).json()["report"]
+        self.assertNotIn("location_counts", without)
+        self.assertIsNone(without["tissue_map"])
+
+    @parameterized.expand([
+        ("other_grid", np.full((20, 18, 5), 4, np.uint8), None, 422, "grid"),
+        ("other_affine", np.full((20, 18, 4), 4, np.uint8), np.diag([1.0, 1.0, 1.0, 1.0]), 422, "grid"),
+        ("other_values", np.full((20, 18, 4), 9, np.uint8), None, 422, "tissue"),
+        ("empty", None, None, 400, "empty"),
+    ])
+    def test_bad_tissue_maps(self, _, tissue, tissue_affine, status, word):
+        image, affine = nifti_bytes()
+        content = b"" if tissue is None else gzip.compress(nib.Nifti1Image(
+            tissue, affine if tissue_affine is None else tissue_affine).to_bytes())
+        before = set(self.work.iterdir())
+        r = self.post_with_tissue(image, content)
+        self.assertEqual(r.status_code, status, r.text)
+        self.assertIn(word, r.json()["detail"])
+        self.assertEqual(set(self.work.iterdir()), before)  # the request's folder is gone
+        self.assertEqual(self.client.get("/api/health").status_code, 200)
+
+    def test_two_images_refused(self):
+        image, _ = nifti_bytes()
+        r = self.post_with_tissue(image, image, field="file")
+        self.assertEqual(r.status_code, 400, r.text)
+        self.assertIn("exactly one image", r.json()["detail"])
+
     def test_raw_body_upload(self):
         content, _ = nifti_bytes(shape=(16, 16, 2))
         r = self.client.post(
@@ -228,6 +276,66 @@ def _no_server_paths(test: unittest.TestCase, detail: str, work: Path) -> None:
     test.assertNotIn(str(work.parent), detail)
     test.assertIsNone(re.search(r"(^|[\s'\"(:])/[\w.-]+/", detail), detail)
     test.assertIsNone(re.search(r"[0-9a-f]{32}", detail), detail)
+
+
+class TestCheckpointRecord(unittest.TestCase):
+    """A checkpoint saved by configs/hunet_train.yaml carries its sizes: the service rebuilds the network from them."""
+
+    def test_train_config_records_every_key(self):
+        from monai.bundle import ConfigParser
+
+        from scripts.hunet.checkpoint import RECORDED_KEYS
+
+        with tempfile.TemporaryDirectory() as tmp:
+            datalist = Path(tmp) / "datalist.json"
+            datalist.write_text('{"description": "synthetic FLAIR", "synthetic": true, "training": []}')
+            parser = ConfigParser()
+            parser.read_config(str(BUNDLE / "configs" / "hunet_train.yaml"))
+            parser.update({"bundle_root": str(BUNDLE), "datalist": str(datalist), "img_size": 64, "train_patch": 32})
+            record = parser.get_parsed_content("config_record").state_dict()
+        self.assertEqual(set(record), {*RECORDED_KEYS, "training_data", "synthetic_training_data"})
+        self.assertEqual((record["img_size"], record["train_patch"], record["synthetic_training_data"]), (64, 32, True))
+        self.assertEqual(record["training_data"], "synthetic FLAIR")
+        saved = parser.get_parsed_content("validate#handlers")[1]  # the CheckpointSaver
+        self.assertEqual(sorted(saved.save_dict), ["config", "model"])
+
+    def test_service_uses_the_record(self):
+        from scripts.hunet.checkpoint import ConfigRecord, recorded_config
+        from scripts.hunet.service import HUNetSegmenter
+        from scripts.networks.mamba_hunet import MambaHUNet
+
+        values = {"in_channels": 1, "out_channels": 2, "img_size": 64, "patch_size": 4, "embed_dims": [8, 16, 32, 64],
+                  "depths": [1, 1, 1, 1], "d_state": 4, "train_patch": 32,
+                  "intensity_percentiles": [0.5, 99.5], "intensity_clip": False,
+                  "sharpen_sigma": 1.0, "sharpen_amount": 0.5, "slice_axis": 2,
+                  "training_data": "synthetic volumes", "synthetic_training_data": True}
+        net = MambaHUNet(img_size=64, embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), d_state=4)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "hunet_model.pt"
+            torch.save({"model": net.state_dict(), "config": ConfigRecord(values).state_dict()}, ckpt)
+            self.assertEqual(recorded_config(torch.load(ckpt, weights_only=True))["train_patch"], 32)
+            seg = HUNetSegmenter(BUNDLE, ckpt_path=ckpt, device="cpu")  # no overrides: the record's sizes
+            self.assertEqual(seg.network.img_size, (64, 64))
+            self.assertEqual(list(seg.inferer.roi_size), [32, 32])
+            self.assertEqual(seg.model_info(), {"weights": "hunet_model.pt", "training_data": "synthetic volumes",
+                                                "synthetic_training_data": True})
+            image = Path(tmp) / "image.nii.gz"
+            nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 36, 3)).astype(np.float32), np.eye(4)),
+                     image)
+            mask, _ = seg(image)
+            self.assertEqual(mask.shape, (40, 36, 3))
+            torch.save(net.state_dict(), ckpt)  # a plain state dict: the config's sizes (256), which do not fit
+            with self.assertRaises(RuntimeError):
+                HUNetSegmenter(BUNDLE, ckpt_path=ckpt, device="cpu")
+
+    def test_bad_records(self):
+        from scripts.hunet.checkpoint import ConfigRecord, recorded_config
+
+        with self.assertRaises(ValueError):
+            ConfigRecord({"img_size": 64})  # keys missing
+        with self.assertRaises(ValueError):
+            recorded_config({"model": {}, "config": [1, 2]})
+        self.assertEqual(recorded_config({"weight": torch.zeros(1)}), {})
 
 
 @unittest.skipUnless(has_fastapi, "fastapi is not installed")

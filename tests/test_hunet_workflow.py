@@ -94,5 +94,90 @@ class TestHUNetWorkflow(unittest.TestCase):
             self.assertEqual([p.name for p in (tmp / "infer").iterdir() if p.name.startswith(".")], [])
 
 
+class TestTrainingSamples(unittest.TestCase):
+    """configs/hunet_train.yaml's samples with crops smaller than the slice (train_patch < img_size)."""
+
+    def _samples(self, tmp: Path, **override) -> list[dict]:
+        from monai.bundle import ConfigParser
+
+        # a one-voxel lesion in the middle: a crop centred on it always has it at its centre
+        rng = np.random.default_rng(0)
+        img = (100 + 10 * rng.standard_normal((64, 64, 4))).astype(np.float32)
+        lab = np.zeros((64, 64, 4), np.uint8)
+        lab[31, 30, 2] = 1
+        img[lab > 0] = 250
+        img_p, lab_p = str(tmp / "img.nii.gz"), str(tmp / "lab.nii.gz")
+        nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 3.0, 1.0])), img_p)
+        nib.save(nib.Nifti1Image(lab, np.diag([1.0, 1.0, 3.0, 1.0])), lab_p)
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "hunet_train.yaml"))
+        parser.update({"bundle_root": str(BUNDLE), "img_size": 64, "train_patch": 32, "batch_size": 8, "pos_ratio": 1,
+                       **override})
+        transform = parser.get_parsed_content("train#preprocessing")
+        transform.set_random_state(seed=0)
+        return [s for _ in range(12) for s in transform({"image": img_p, "label": lab_p})]
+
+    def test_lesions_not_always_at_the_crop_centre(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            samples = self._samples(Path(tmp))
+        self.assertEqual({tuple(s["image"].shape) for s in samples}, {(1, 32, 32)})
+        centres = {tuple(np.round(np.argwhere(np.asarray(s["label"][0]) > 0).mean(0)).astype(int))
+                   for s in samples if s["label"].sum() > 0}
+        self.assertGreater(len(centres), 10)  # the lesion lies at many places in the crops
+        self.assertGreater(max(abs(c[0] - 16) + abs(c[1] - 16) for c in centres), 8)
+
+    def test_whole_slices_by_default(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            samples = self._samples(Path(tmp), train_patch="@img_size")
+        self.assertEqual({tuple(s["image"].shape) for s in samples}, {(1, 64, 64)})
+
+    def test_bright_voxels_not_clipped(self):
+        """FLAIR lesions are the brightest voxels: intensity_clip false keeps them above the upper percentile."""
+        from monai.bundle import ConfigParser
+        from monai.transforms import Compose, ScaleIntensityRangePercentilesd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            img_p, lab_p, _ = make_case(Path(tmp), 1, shape=(64, 64, 4), spacing=(1.0, 1.0, 3.0))
+            highest = []
+            for clip in (False, True):
+                parser = ConfigParser()
+                parser.read_config(str(BUNDLE / "configs" / "hunet_train.yaml"))
+                parser.update({"bundle_root": str(BUNDLE), **({"intensity_clip": True} if clip else {})})
+                steps = parser.get_parsed_content("train#deterministic_transforms")
+                last = next(i for i, t in enumerate(steps) if isinstance(t, ScaleIntensityRangePercentilesd))
+                out = Compose(steps[: last + 1])({"image": img_p, "label": lab_p})
+                highest.append(float(out["image"].max()))
+        self.assertGreater(highest[0], 1.05)
+        self.assertLessEqual(highest[1], 1.0)
+
+    def test_patch_training_records_its_configuration(self):
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            data = tmp / "data"
+            data.mkdir()
+            cases = [make_case(data, s, shape=(40, 36, 5)) for s in (1, 2)]
+            (data / "datalist.json").write_text(json.dumps({
+                "description": "two generated cases", "synthetic": True,
+                "training": [{"image": os.path.basename(i), "label": os.path.basename(l)} for i, l, _ in cases[:1]],
+                "validation": [{"image": os.path.basename(i), "label": os.path.basename(l)} for i, l, _ in cases[1:]]}))
+            common = dict(meta_file=META, bundle_root=str(BUNDLE), dataset_dir=str(data),
+                          datalist=str(data / "datalist.json"), ckpt_dir=str(tmp / "models"),
+                          **{**TINY, "img_size": 64, "train_patch": 32})
+            train_cfg = str(BUNDLE / "configs" / "hunet_train.yaml")
+            run("training", config_file=train_cfg, epochs=1, batch_size=2, output_dir=str(tmp / "runs"), **common)
+            ckpt = torch.load(tmp / "models" / "hunet_model.pt", weights_only=True)
+            self.assertEqual(sorted(ckpt), ["config", "model"])
+            self.assertEqual((ckpt["config"]["train_patch"], ckpt["config"]["img_size"]), (32, 64))
+            self.assertEqual((ckpt["config"]["training_data"], ckpt["config"]["synthetic_training_data"]),
+                             ("two generated cases", True))
+            run("evaluating", config_file=[train_cfg, str(BUNDLE / "configs" / "hunet_evaluate.yaml")],
+                output_dir=str(tmp / "eval"), **common)  # the checkpoint loads; windows of 32 x 32
+            row = json.loads((tmp / "eval" / "metrics.json").read_text())["cases"][0]
+            self.assertEqual(row["gt_lesions"], 1)
+            self.assertIn("lesion_recall", row)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -9,7 +9,6 @@ loader, monailabel or hunet); the test runs it, and it runs against an older che
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import subprocess

@@ -38,7 +38,7 @@ from scripts.lesions.anatomy import (
 from scripts.lesions.appearance import bias_field
 from scripts.lesions.generate import generate_dataset, main, synthesize_volume, volume_rng
 from scripts.lesions.lesions import LESION_LOADS, LesionLoad, render_shape
-from scripts.lesions.locations import JUXTACORTICAL_MM, PERIVENTRICULAR_MM, location_at, location_maps
+from scripts.hunet.locations import JUXTACORTICAL_MM, PERIVENTRICULAR_MM, location_at, location_maps
 from tests.utils import ROOT
 
 MNI_RAW = ROOT / "data" / "mni" / "raw"
@@ -407,6 +407,25 @@ class TestDataset(unittest.TestCase):
         train_load = datalist["training"][0]["lesion_load"]
         self.assertEqual(train_load, "mixed")
         self.assertNotIn(train_load, {e["lesion_load"] for e in datalist["test"]})  # test loads unseen in training
+
+    def test_report_locations_agree_with_the_generator(self):
+        """A lesion report given the tissue map finds the location class the generator recorded for each lesion."""
+        from scripts.hunet.report import lesion_report
+
+        agree = total = 0
+        folder = self.tmp / "a"
+        for entry in self._datalist("a")["test"]:
+            _, label, tissue = _arrays(folder, entry)
+            spacing = nib.load(str(folder / entry["label"])).header.get_zooms()[:3]
+            report = lesion_report(label, spacing, tissue=tissue)
+            for lesion in json.loads((folder / entry["lesions"]).read_text())["lesions"]:
+                c = lesion["centre_voxel"]
+                found = [r for r in report["lesions"]
+                         if all(lo <= v <= hi for lo, v, hi in zip(r["bbox_min"], c, r["bbox_max"]))]
+                total += 1
+                agree += bool(found) and found[0]["location"] == lesion["location"]
+        self.assertGreater(total, 10)
+        self.assertGreaterEqual(agree / total, 0.8, f"{agree} of {total}")
 
     @parameterized.expand([
         ("negative_train", ["--train", "-1"], "--train"), ("zero_train", ["--train", "0"], "--train"),

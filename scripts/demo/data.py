@@ -155,6 +155,8 @@ def fetch_pyradiomics(out_dir: str | os.PathLike) -> Path:
                 "training": [{"image": f"{train}_image.nrrd", "label": f"{train}_label.nrrd"}],
                 "validation": [{"image": f"{test}_image.nrrd", "label": f"{test}_label.nrrd"}],
                 "test": [{"image": f"{test}_image.nrrd", "label": f"{test}_label.nrrd"}],
+                # both cases, for a model trained elsewhere (e.g. on synthetic lesions: make demo-lesions)
+                "all": [{"image": f"{c}_image.nrrd", "label": f"{c}_label.nrrd"} for c in (train, test)],
             },
             out_dir / f"datalist_{kind}.json",
         )

@@ -1,6 +1,6 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Loss ablation of MambaClinix (the direction of Table 5 of the paper) on one real lesion case, run with the
-bundle's own workflows.
+"""Loss ablation of MambaClinix (the direction of Table 5 of the paper) on one real lesion case or on generated
+volumes with many small lesions, run with the bundle's own workflows.
 
 Each run trains a fresh small 3D MambaClinix on one pyradiomics lesion case with ``configs/train.yaml``
 (:class:`monai.bundle.ConfigWorkflow`, workflow type ``train``: its data pipeline, augmentation, optimiser,
@@ -22,9 +22,14 @@ seed of each run (:func:`run_overrides`: a seed gives every setting the same ini
 are interleaved seed-major (seed 0: a, b, c; seed 1: a, b, c; ...) so that machine load drifts hit every setting
 alike. The JSON result is rewritten (atomically) after every run; a markdown table goes next to it.
 
+With ``--case synthetic`` the runs train on the ``training`` list of a generated dataset with many small lesions
+and are scored on its ``test`` list (:data:`SYNTHETIC_COMMAND` makes it), pooled over the held-out volumes,
+voxel-wise and lesion-wise (recall: reference lesions touched by the prediction; precision: predicted lesions
+touching a reference lesion), which is the question of Table 5 (small lesions).
+
 Usage::
 
-    python -m scripts.experiments.ablation_loss [--case brain|lung] [--steps N] [--epochs E] [--seeds 0 1 2]
+    python -m scripts.experiments.ablation_loss [--case brain|lung|synthetic] [--steps N] [--epochs E] [--seeds 0 1 2]
         [--settings a b c] [--patch 48 48 8] [--work-dir DIR] [--output docs/ablation_loss.json]
 
 The images are fetched with ``python -m scripts.demo.data --output data --which pyradiomics``.
@@ -49,6 +54,7 @@ import numpy as np
 import torch
 import yaml
 
+from scripts.hunet.report import case_metrics
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -61,6 +67,11 @@ __all__ = [
     "SETTINGS",
     "CASES",
     "CaseSetup",
+    "METRICS",
+    "SYNTHETIC_COMMAND",
+    "case_lists",
+    "write_datalist",
+    "pooled_counts",
     "ablation_plan",
     "loss_overrides",
     "run_overrides",
@@ -112,6 +123,8 @@ SETTINGS: dict[str, dict] = {
     },
 }
 """The loss settings; ``lambda_ce = lambda_dice = 1`` in all of them."""
+METRICS = ("dice", "recall", "precision", "lesion_recall", "lesion_precision")
+"""The held-out metrics summarised over seeds (voxel-wise, then lesion-wise)."""
 
 
 class CaseSetup(dict):
@@ -125,7 +138,14 @@ CASES: dict[str, CaseSetup] = {
     # CT 512x512x(48|61) at ~0.6x0.6x5 mm: resampled in-plane to 2 mm. lung2 (48 ml tumour) is the training
     # case, lung1 (1.4 ml nodule) the held-out one: the 3-slice nodule alone gives too few foreground patches.
     "lung": CaseSetup(train="lung2", test="lung1", pixdim=(2.0, 2.0, 5.0), modality="CT"),
+    # synthetic FLAIR-like volumes with many small lesions (python -m scripts.lesions.generate ... --lesion_load
+    # many_small --downsample 2): the training and test lists of the generated datalist, resampled to 2 x 2 x 3 mm
+    "synthetic": CaseSetup(train="training", test="test", pixdim=(2.0, 2.0, 3.0), modality="MR", generated=True),
 }
+SYNTHETIC_COMMAND = ("python -m scripts.lesions.generate --mni_dir data/mni/raw --output data/lesions_ablation "
+                     "--train 6 --val 0 --test 4 --seed 1 --lesion_load many_small --test_lesion_load many_small "
+                     "--downsample 2")
+"""The dataset the ``synthetic`` case expects in ``--data-dir`` (see docs/lesion_workflow.md)."""
 
 # Sized for a 2-core CPU: 48x48x8 crops (96x96x52 mm), in-plane kernels and strides first (the slices are 6.5 mm
 # thick), 3D in the two Mamba stages; the total stride (8, 8, 4) divides the patch.
@@ -151,16 +171,45 @@ def _case_files(data_dir: Path, name: str) -> dict[str, str]:
     return files
 
 
-def write_datalist(setup: CaseSetup, data_dir: Path, path: Path) -> Path:
-    """The runs' datalist: the training case, an empty validation list, the held-out case as the test list."""
+def case_lists(setup: CaseSetup, data_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The training and held-out cases (``image``, ``label`` relative to ``data_dir``): one pyradiomics case each,
+    or the ``training`` and ``test`` lists of a generated datalist (``data_dir/datalist.json``).
+
+    Raises:
+        ValueError: missing files or lists, with the command that makes them.
+    """
+    if not setup.get("generated"):
+        return [_case_files(data_dir, setup["train"])], [_case_files(data_dir, setup["test"])]
+    path = data_dir / "datalist.json"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; generate the volumes with `{SYNTHETIC_COMMAND}`.")
+    content = json.loads(path.read_text())
+    lists = []
+    for key in (setup["train"], setup["test"]):
+        cases = [{"image": c["image"], "label": c["label"]} for c in content.get(key) or []]
+        missing = [f for c in cases for f in c.values() if not (data_dir / f).is_file()]
+        if not cases or missing:
+            raise ValueError(f"{path}: the '{key}' list is empty or names missing files {missing[:3]}; generate the "
+                             f"volumes with `{SYNTHETIC_COMMAND}`.")
+        lists.append(cases)
+    return lists[0], lists[1]
+
+
+def _names(cases: Sequence[Mapping[str, str]]) -> str:
+    return ", ".join(Path(c["image"]).name.split("_image")[0].removesuffix(".nii.gz") for c in cases)
+
+
+def write_datalist(train: Sequence[Mapping[str, str]], test: Sequence[Mapping[str, str]], modality: str,
+                   path: Path) -> Path:
+    """The runs' datalist: the training cases, an empty validation list, the held-out cases as the test list."""
     atomic_write_json(
         {
-            "description": f"loss ablation: train on {setup['train']}, evaluate on {setup['test']}",
+            "description": f"loss ablation: train on {_names(train)}, evaluate on {_names(test)}",
             "labels": {"0": "background", "1": "lesion"},
-            "modality": {"0": setup["modality"]},
-            "training": [_case_files(data_dir, setup["train"])],
+            "modality": {"0": modality},
+            "training": [dict(c) for c in train],
             "validation": [],
-            "test": [_case_files(data_dir, setup["test"])],
+            "test": [dict(c) for c in test],
         },
         path,
     )
@@ -275,19 +324,30 @@ def _loss_of(trainer: SupervisedTrainer) -> dict[str, object]:
     }
 
 
-def _counts(pred: np.ndarray, gt: np.ndarray) -> dict[str, float | None]:
-    tp = int(np.logical_and(pred, gt).sum())
-    fp = int(np.logical_and(pred, ~gt).sum())
-    fn = int(np.logical_and(~pred, gt).sum())
-    dice = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0
-    recall = tp / (tp + fn) if (tp + fn) > 0 else None
-    precision = tp / (tp + fp) if (tp + fp) > 0 else None  # undefined when nothing is predicted
-    return {"dice": dice, "recall": recall, "precision": precision, "tp": tp, "fp": fp, "fn": fn}
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def pooled_counts(cases: Sequence[Mapping[str, int]]) -> dict[str, float | int | None]:
+    """Voxel-wise Dice, recall and precision and lesion-wise recall and precision of a set of cases, from their
+    summed counts (:func:`scripts.hunet.report.case_metrics`: ``tp``, ``fp``, ``fn``, ``gt_lesions``,
+    ``detected_lesions``, ``pred_lesions``, ``lesion_fp``); a ratio with nothing to count is ``None``."""
+    total = {k: sum(int(c[k]) for c in cases) for k in
+             ("tp", "fp", "fn", "gt_lesions", "detected_lesions", "pred_lesions", "lesion_fp")}
+    tp, fp, fn = total["tp"], total["fp"], total["fn"]
+    return {
+        "dice": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0,
+        "recall": _ratio(tp, tp + fn),
+        "precision": _ratio(tp, tp + fp),  # undefined when nothing is predicted
+        "lesion_recall": _ratio(total["detected_lesions"], total["gt_lesions"]),
+        "lesion_precision": _ratio(total["pred_lesions"] - total["lesion_fp"], total["pred_lesions"]),
+        **total,
+    }
 
 
 def _evaluate(case: Mapping[str, str], data_dir: Path, plan_file: Path, ckpt_dir: Path, out_dir: Path) -> dict:
     """Segment ``case["image"]`` with configs/inference.yaml and the run's ``model.pt`` and count the lesion
-    voxels against ``case["label"]`` on the image's own grid."""
+    voxels and lesions (26-connected) against ``case["label"]`` on the image's own grid."""
     from monai.transforms import LoadImage
 
     wf = _workflow("inference.yaml", plan_file, "infer", bundle_root=str(BUNDLE_ROOT), ckpt_dir=str(ckpt_dir),
@@ -301,7 +361,8 @@ def _evaluate(case: Mapping[str, str], data_dir: Path, plan_file: Path, ckpt_dir
     pred, gt = load(str(saved[0])), load(str(data_dir / case["label"]))
     if pred.shape != gt.shape or not np.allclose(pred.affine, gt.affine, atol=1e-3):
         raise RuntimeError(f"the segmentation {tuple(pred.shape)} is not on the grid of the label {tuple(gt.shape)}.")
-    return _counts(np.asarray(pred) > 0, np.asarray(gt) > 0)
+    m = case_metrics(np.asarray(pred) > 0, np.asarray(gt) > 0)
+    return {k: m[k] for k in ("tp", "fp", "fn", "gt_lesions", "detected_lesions", "pred_lesions", "lesion_fp")}
 
 
 def _chunk_means(values: Sequence[float], every: int) -> list[float]:
@@ -318,8 +379,8 @@ def train_and_evaluate(
     plan_file: Path,
     datalist: Path,
     data_dir: Path,
-    test_case: Mapping[str, str],
-    train_case: Mapping[str, str] | None = None,
+    test_cases: Sequence[Mapping[str, str]],
+    train_cases: Sequence[Mapping[str, str]] | None = None,
     lr: float = 1e-3,
     log_every: int = 50,
 ) -> dict:
@@ -334,15 +395,15 @@ def train_and_evaluate(
         plan_file: the plan YAML merged over train.yaml and inference.yaml (:func:`ablation_plan`).
         datalist: the datalist JSON (:func:`write_datalist`).
         data_dir: the folder of the case files.
-        test_case: the held-out case (``image``, ``label`` relative to ``data_dir``).
-        train_case: optionally the training case, evaluated the same way (a check of the fit).
+        test_cases: the held-out cases (``image``, ``label`` relative to ``data_dir``).
+        train_cases: optionally the training cases, evaluated the same way (a check of the fit).
         lr: train.yaml's ``learning_rate``.
         log_every: ``train_loss`` holds the mean training loss of every this many iterations.
 
     Returns:
         ``setting``, ``seed``, ``steps`` (``epochs * iterations``), ``epochs``, ``loss`` (the settings of the
-        loss object the trainer used), ``train_loss``, ``train_s``, ``test`` and ``train_case`` (Dice, recall,
-        precision, tp, fp, fn) and ``eval_s``.
+        loss object the trainer used), ``train_loss``, ``train_s``, ``test`` and ``train_case`` (the
+        :func:`pooled_counts` of the cases), ``test_cases`` (their counts, in order) and ``eval_s``.
     """
     from ignite.engine import Events
     from monai.handlers import from_engine
@@ -365,9 +426,13 @@ def train_and_evaluate(
                 [round(v, 4) for v in result["train_loss"]])
     start = time.perf_counter()
     ckpt_dir = run_dir / "models"
-    result["test"] = _evaluate(test_case, data_dir, plan_file, ckpt_dir, run_dir / "eval" / "test")
-    if train_case is not None:
-        result["train_case"] = _evaluate(train_case, data_dir, plan_file, ckpt_dir, run_dir / "eval" / "train")
+    result["test_cases"] = [_evaluate(c, data_dir, plan_file, ckpt_dir, run_dir / "eval" / "test" / str(i))
+                            for i, c in enumerate(test_cases)]
+    result["test"] = pooled_counts(result["test_cases"])
+    if train_cases:
+        result["train_case"] = pooled_counts([
+            _evaluate(c, data_dir, plan_file, ckpt_dir, run_dir / "eval" / "train" / str(i))
+            for i, c in enumerate(train_cases)])
     result["eval_s"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -393,7 +458,7 @@ def summarise(runs: list[dict], settings: Sequence[str]) -> dict[str, dict]:
         }
         for part in ("test", "train_case"):
             if all(part in r for r in rs):
-                for m in ("dice", "recall", "precision"):
+                for m in METRICS:
                     mean, std, n = _mean_std([r[part][m] for r in rs])
                     entry[f"{part}_{m}"] = {"mean": mean, "std": std, "n": n}
         out[s] = entry
@@ -401,7 +466,7 @@ def summarise(runs: list[dict], settings: Sequence[str]) -> dict[str, dict]:
 
 
 def paired_differences(runs: list[dict], settings: Sequence[str], reference: str = "a") -> dict[str, dict]:
-    """Per-seed differences of the held-out Dice and recall of every setting against ``reference``.
+    """Per-seed differences of the held-out :data:`METRICS` of every setting against ``reference``.
 
     Runs with the same seed share the network initialisation and the crop sequence (only the loss differs),
     so the comparison is paired: mean difference and the number of seeds where the setting is higher.
@@ -415,11 +480,11 @@ def paired_differences(runs: list[dict], settings: Sequence[str], reference: str
         if not pairs:
             continue
         entry = {"vs": reference, "seeds": len(pairs)}
-        for m in ("dice", "recall", "precision"):
+        for m in METRICS:
             diffs = [
                 r["test"][m] - q["test"][m]
                 for r, q in pairs
-                if r["test"][m] is not None and q["test"][m] is not None
+                if r["test"].get(m) is not None and q["test"].get(m) is not None
             ]
             entry[m] = {
                 "mean_diff": float(np.mean(diffs)) if diffs else None,
@@ -452,40 +517,48 @@ def write_markdown(report: dict, path: Path) -> None:
     cfg = report["config"]
     iterations = f"{cfg['steps']} training iterations" + (f" ({cfg['epochs']} epochs)" if cfg.get("epochs", 1) > 1
                                                           else "")
+    source = ("synthetic FLAIR-like volumes with generated lesion masks" if cfg.get("case") == "synthetic"
+              else "pyradiomics, real lesion masks")
     lines = [
         "# Loss ablation (direction of Table 5)",
         "",
-        f"Train on `{cfg['train_case']}`, evaluate on `{cfg['test_case']}` (pyradiomics, real lesion masks); "
+        f"Train on `{cfg['train_case']}`, evaluate on `{cfg['test_case']}` ({source}); "
         f"{iterations} (lr {cfg['lr']}, batch {cfg.get('batch_size', BATCH_SIZE)} crops of {cfg['patch']}), "
-        f"seeds {cfg['seeds']}, runs interleaved seed-major. Lesion metrics in % on the held-out image's own grid, "
-        "mean +- sample std over seeds (precision over the runs that predicted any lesion).",
+        f"seeds {cfg['seeds']}, runs interleaved seed-major. Metrics in % on the held-out images' own grids, pooled "
+        "over the held-out cases (voxel counts; lesions: 26-connected components, detected when any predicted voxel "
+        "overlaps), mean +- sample std over seeds (precision over the runs that predicted any lesion).",
         "",
-        "| setting | loss | held-out Dice | held-out recall | held-out precision | training-case Dice | steps "
-        "| seeds | train s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | loss | held-out Dice | recall | precision | lesion-wise recall | lesion-wise precision "
+        "| training-case Dice | steps | seeds | train s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def counted(stat: dict | None, runs: int) -> str:
+        return _fmt(stat) + (f" (n={stat['n']})" if stat and stat["n"] != runs else "")
+
     for key, entry in report["summary"].items():
-        prec = entry.get("test_precision")
-        prec_txt = _fmt(prec) + (f" (n={prec['n']})" if prec and prec["n"] != entry["runs"] else "")
+        cells = [counted(entry.get(f"test_{m}"), entry["runs"]) for m in METRICS]
         lines.append(
-            f"| {key} | {entry['name']} | {_fmt(entry.get('test_dice'))} | {_fmt(entry.get('test_recall'))} | "
-            f"{prec_txt} | {_fmt(entry.get('train_case_dice'))} | {cfg['steps']} | {entry['runs']} | "
-            f"{entry['train_s_mean']:.0f} |"
+            f"| {key} | {entry['name']} | {' | '.join(cells)} | {_fmt(entry.get('train_case_dice'))} | "
+            f"{cfg['steps']} | {entry['runs']} | {entry['train_s_mean']:.0f} |"
         )
     paired = report.get("paired", {})
     if paired:
         lines += [
             "",
-            "Paired per-seed differences against the baseline (a) on the held-out case (same seed = same "
+            "Paired per-seed differences against the baseline (a) on the held-out data (same seed = same "
             "initialisation and crops; percentage points, and in how many seeds the setting is higher):",
             "",
-            "| setting | dDice | dRecall | dPrecision |",
-            "|---|---|---|---|",
+            "| setting | dDice | dRecall | dPrecision | dLesion recall | dLesion precision |",
+            "|---|---|---|---|---|---|",
         ]
         for key, entry in paired.items():
             cells = []
-            for m in ("dice", "recall", "precision"):
-                d = entry[m]
+            for m in METRICS:
+                d = entry.get(m)
+                if d is None:  # a report written before the lesion-wise metrics
+                    cells.append("n/a")
+                    continue
                 text = "n/a" if d["mean_diff"] is None else f"{100 * d['mean_diff']:+.1f} ({d['higher_in']}/{d['n']})"
                 cells.append(text)
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
@@ -531,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--patch", type=int, nargs=3, default=list(PATCH),
                         help="training patch and sliding-window ROI, divisible by (8, 8, 4)")
-    parser.add_argument("--data-dir", default="data/pyradiomics")
+    parser.add_argument("--data-dir", default=None,
+                        help="the cases' folder (default data/pyradiomics; data/lesions_ablation for --case synthetic)")
     parser.add_argument("--work-dir", default=None,
                         help="keep the plan, datalist, checkpoints and segmentations here (default: a temporary "
                         "folder, removed at the end)")
@@ -564,8 +638,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
     setup = CASES[args.case]
-    data_dir = Path(args.data_dir).absolute()
-    test_case, train_case = _case_files(data_dir, setup["test"]), _case_files(data_dir, setup["train"])
+    data_dir = Path(args.data_dir or ("data/lesions_ablation" if setup.get("generated") else "data/pyradiomics"))
+    data_dir = data_dir.absolute()
+    try:
+        train_cases, test_cases = case_lists(setup, data_dir)
+    except ValueError as e:
+        parser.error(str(e))
     output.parent.mkdir(parents=True, exist_ok=True)
     cli_args = argv if argv is not None else sys.argv[1:]
     command = "python -m scripts.experiments.ablation_loss " + " ".join(shlex.quote(a) for a in cli_args)
@@ -575,14 +653,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ablation_loss_") as tmp:
         work = Path(args.work_dir).absolute() if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        datalist = write_datalist(setup, data_dir, work / "datalist.json")
+        datalist = write_datalist(train_cases, test_cases, setup["modality"], work / "datalist.json")
         plan = ablation_plan(setup, datalist, data_dir, args.patch).to_config(include_info=False)
         plan_file = work / "plan.yaml"
         atomic_write_text(yaml.safe_dump(plan, sort_keys=False, default_flow_style=None), plan_file)
         stats = plan["intensity_stats"][0]
         report = {
             "config": {
-                "case": args.case, "train_case": setup["train"], "test_case": setup["test"],
+                "case": args.case, "train_case": _names(train_cases), "test_case": _names(test_cases),
                 "pixdim": plan["pixdim"], "scheme": plan["intensity_schemes"][0], "ct_stats": stats,
                 "steps": args.steps, "epochs": args.epochs, "iterations_per_epoch": iterations, "seeds": args.seeds,
                 "settings": {s: SETTINGS[s] for s in args.settings}, "lr": args.lr, "patch": plan["patch_size"],
@@ -599,8 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:  # seed-major round robin
             for setting in args.settings:
                 result = train_and_evaluate(
-                    setting, seed, args.epochs, iterations, work, plan_file, datalist, data_dir, test_case,
-                    None if args.no_train_eval else train_case, lr=args.lr,
+                    setting, seed, args.epochs, iterations, work, plan_file, datalist, data_dir, test_cases,
+                    None if args.no_train_eval else train_cases, lr=args.lr,
                 )
                 logger.info("setting %s seed %d: %s", setting, seed, result["test"])
                 report["runs"].append(result)
@@ -612,8 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(report, output.with_suffix(".md"))
     for key, entry in report["summary"].items():
         logger.info(
-            "%s %-55s Dice %s recall %s precision %s", key, entry["name"], _fmt(entry.get("test_dice")),
-            _fmt(entry.get("test_recall")), _fmt(entry.get("test_precision")),
+            "%s %-55s Dice %s recall %s precision %s lesion recall %s lesion precision %s", key, entry["name"],
+            *(_fmt(entry.get(f"test_{m}")) for m in METRICS),
         )
     logger.info("total wall time %.1f min", report["wall_s"] / 60)
     return 0

@@ -4,11 +4,13 @@
 Upload a NIfTI / NRRD / DICOM volume (a ``.dcm`` file or a ``.zip`` of one series) or a greyscale PNG slice; get
 the mask (uint8 NIfTI in the input geometry, plus a PNG for PNG input) and the lesion report, and browse the image
 with the mask overlaid slice by slice. The pipeline is the bundle's own ``configs/hunet_inference.yaml`` (loaded with
-``ConfigParser``; its saving step is replaced by the service's per-request folder)::
+``ConfigParser``; its saving step is replaced by the service's per-request folder), with the sizes and preprocessing
+recorded in the checkpoint (:mod:`scripts.hunet.checkpoint`), so ``make lesion-model``'s model is served as is::
 
     python -m scripts.hunet.service --bundle_root . --host 127.0.0.1 --port 8008
 
-API: ``POST /api/segment`` (multipart field ``file``, or the raw bytes with ``?filename=``), ``GET
+API: ``POST /api/segment`` (multipart field ``file``, or the raw bytes with ``?filename=``; optionally a tissue map
+of the same grid in the multipart field ``tissue``, which gives each lesion of the report a location class), ``GET
 /api/results/{id}``, ``/api/results/{id}/mask``, ``/api/results/{id}/mask.png``, ``/api/results/{id}/report``,
 ``/api/results/{id}/slices/{k}/{image|mask}.png``, ``GET /api/health``. Every request works in its own folder
 ``<work_dir>/<uuid>``; uploads beyond ``--max_upload_mb`` are answered with 413.
@@ -43,9 +45,10 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, SaveImaged
 
+from scripts.hunet.checkpoint import RECORDED_KEYS, recorded_config
 from scripts.hunet.report import lesion_report
 from scripts.hunet.retention import RESULT_ID, ResultRetention
-from scripts.hunet.uploads import UPLOAD_LIMITS, load_upload
+from scripts.hunet.uploads import UPLOAD_LIMITS, LoadedUpload, UploadError, load_upload
 from scripts.image_guard import ImageLimits, InputError
 from scripts.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, safe_stem, save_nifti_atomic
 
@@ -84,9 +87,11 @@ class HUNetSegmenter:
     Args:
         bundle_root: the bundle folder.
         config_file: inference config, relative to ``bundle_root`` or absolute.
-        ckpt_path: weights (state dict, or ``{"model": state_dict}``); default ``<ckpt_dir>/<ckpt_name>`` of the config.
+        ckpt_path: weights (state dict, or ``{"model": state_dict}`` with an optional ``"config"`` record, see
+            :mod:`scripts.hunet.checkpoint`); default ``<ckpt_dir>/<ckpt_name>`` of the config.
         device: torch device name.
-        overrides: config values to override (e.g. a smaller ``img_size`` / ``embed_dims``).
+        overrides: config values to override (e.g. a smaller ``img_size`` / ``embed_dims``); the checkpoint's
+            record sets the values it holds, and an override that differs from it is logged and kept.
         allow_untrained: run with random weights when the checkpoint is missing (tests and UI demos only).
         max_concurrent: number of pipelines (loading, preprocessing, inference, postprocessing) run at the same
             time; further requests wait.
@@ -110,30 +115,50 @@ class HUNetSegmenter:
         parser.read_config(str(cfg))
         parser["bundle_root"] = str(root)
         parser["device"] = f"$torch.device('{device}')"
-        for k, v in (overrides or {}).items():
+        overrides = dict(overrides or {})
+        for k, v in overrides.items():
             parser[k] = v
         self.device = torch.device(device)
-        self.network = parser.get_parsed_content("network").to(self.device).eval()
         ckpt = (
             Path(ckpt_path)
             if ckpt_path
             else Path(parser.get_parsed_content("ckpt_dir")) / parser.get_parsed_content("ckpt_name")
         )
+        checkpoint, record = None, {}
         if ckpt.is_file():
-            sd = torch.load(ckpt, map_location=self.device, weights_only=True)
-            self.network.load_state_dict(sd.get("model", sd) if isinstance(sd, dict) and "model" in sd else sd)
+            checkpoint = torch.load(ckpt, map_location=self.device, weights_only=True)
+            record = recorded_config(checkpoint)
+        elif not allow_untrained:
+            raise FileNotFoundError(f"checkpoint {ckpt} not found: train the bundle first (make lesion-model), or "
+                                    "pass --ckpt PATH.")
+        for k in RECORDED_KEYS:  # the sizes and preprocessing the weights were trained with
+            if k not in record:
+                continue
+            if k in overrides and overrides[k] != record[k]:
+                logger.warning("override %s=%r differs from the checkpoint's %r", k, overrides[k], record[k])
+            else:
+                parser[k] = record[k]
+        self.training_data = str(record.get("training_data", ""))
+        self.synthetic_training_data = bool(record.get("synthetic_training_data", False))
+        self.network = parser.get_parsed_content("network").to(self.device).eval()
+        if checkpoint is not None:
+            sd = checkpoint["model"] if isinstance(checkpoint, dict) and "model" in checkpoint else checkpoint
+            self.network.load_state_dict(sd)
             self.weights = str(ckpt)
-        elif allow_untrained:
+        else:
             logger.warning("checkpoint %s not found: serving RANDOM weights (allow_untrained)", ckpt)
             self.weights = "untrained"
-        else:
-            raise FileNotFoundError(f"checkpoint {ckpt} not found: train the bundle first, or pass --ckpt PATH.")
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         post = parser.get_parsed_content("postprocessing")
         self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
         self._slots = threading.BoundedSemaphore(max(1, int(max_concurrent)))
         self.slot_timeout_s = slot_timeout_s
+
+    def model_info(self) -> dict[str, Any]:
+        """What the weights are: file name, the training data's description and whether it was synthetic."""
+        return {"weights": Path(self.weights).name, "training_data": self.training_data,
+                "synthetic_training_data": self.synthetic_training_data}
 
     def __call__(self, nifti_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         """Segment a volume file; returns the uint8 mask ``(X, Y, Z)`` on the input grid and its affine.
@@ -218,6 +243,18 @@ def _display_u8(arr: np.ndarray) -> np.ndarray:
     return np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
 
 
+def _store(part: Any, target: Path) -> str:
+    """Move a parsed multipart file to ``target``; returns the client's file name."""
+    name = (part.file_name or b"").decode("utf-8", "replace")
+    if part.in_memory:
+        part.file_object.seek(0)
+        target.write_bytes(part.file_object.read())
+    else:
+        part.file_object.close()
+        os.replace(part.actual_file_name.decode(), target)
+    return name
+
+
 def create_app(
     segmenter: HUNetSegmenter,
     work_dir: str | os.PathLike,
@@ -261,8 +298,11 @@ def create_app(
             raise HTTPException(404, "unknown result id")
         return work_root / rid
 
-    async def receive_upload(request: Request, folder: Path) -> tuple[Path, str]:
+    async def receive_upload(request: Request, folder: Path) -> tuple[Path, str, Path | None, str]:
+        """The image (multipart field ``file``, or the raw body with ``?filename=``) and the optional tissue map
+        (multipart field ``tissue``), stored in ``folder``."""
         target = folder / "upload.bin"
+        tissue_target, tissue_name = None, ""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             files: list = []
@@ -276,16 +316,18 @@ def create_app(
                 parser.finalize()
             except (FormParserError, ValueError) as e:
                 raise HTTPException(400, f"malformed multipart body: {e}") from e
-            if len(files) != 1:
-                raise HTTPException(400, "send exactly one file (multipart field 'file')")
-            f = files[0]
-            name = (f.file_name or b"").decode("utf-8", "replace")
-            if f.in_memory:
-                f.file_object.seek(0)
-                target.write_bytes(f.file_object.read())
-            else:
-                f.file_object.close()
-                os.replace(f.actual_file_name.decode(), target)
+            fields = [(f.field_name or b"").decode("utf-8", "replace") for f in files]
+            images = [f for f, n in zip(files, fields) if n != "tissue"]
+            tissues = [f for f, n in zip(files, fields) if n == "tissue"]
+            if len(images) != 1 or len(tissues) > 1:
+                raise HTTPException(400, "send exactly one image (multipart field 'file') and at most one tissue map "
+                                         "(field 'tissue')")
+            name = _store(images[0], target)
+            if tissues:
+                tissue_target = folder / "tissue_upload.bin"
+                tissue_name = _store(tissues[0], tissue_target)
+                if tissue_target.stat().st_size == 0:
+                    raise HTTPException(400, "empty tissue map")
         else:
             name = request.query_params.get("filename", "")
             with open(target, "wb") as out:
@@ -293,20 +335,37 @@ def create_app(
                     out.write(chunk)
         if target.stat().st_size == 0:
             raise HTTPException(400, "empty upload")
-        return target, Path(name.replace("\\", "/")).name
+        return target, Path(name.replace("\\", "/")).name, tissue_target, Path(tissue_name.replace("\\", "/")).name
 
-    def process(upload: Path, name: str, folder: Path) -> dict:
+    def load_tissue(path: Path, name: str, folder: Path, image: LoadedUpload) -> np.ndarray:
+        """The tissue map, checked like any upload and required on the image's grid (422 otherwise)."""
+        sub = folder / "tissue"
+        sub.mkdir()
+        tissue = load_upload(path.rename(sub / path.name), name, sub, limits)
+        if tissue.array.shape != image.array.shape or not np.allclose(tissue.affine, image.affine, atol=1e-3):
+            raise UploadError(f"the tissue map {name or 'tissue'} {tissue.array.shape} is not on the image's grid "
+                              f"{image.array.shape}; send the map of the same volume")
+        shutil.rmtree(sub, ignore_errors=True)
+        return tissue.array
+
+    def process(upload: Path, name: str, folder: Path, tissue_upload: Path | None = None,
+                tissue_name: str = "") -> dict:
         t0 = time.perf_counter()
         with _slot(decodes, slot_timeout_s, "all decode slots taken"):
             loaded = load_upload(upload, name, folder, limits)
+            tissue = None if tissue_upload is None else load_tissue(tissue_upload, tissue_name, folder, loaded)
         mask, affine = segmenter(loaded.nifti_path)
         if mask.shape != loaded.array.shape:
             raise RuntimeError(f"mask shape {mask.shape} differs from the input {loaded.array.shape}")
         stem = safe_stem(name or "upload")
         save_nifti_atomic(mask, affine, folder / "mask.nii.gz")
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        report = lesion_report(mask, spacing)
+        try:
+            report = lesion_report(mask, spacing, tissue=tissue)
+        except ValueError as e:  # a tissue map with other values
+            raise UploadError(f"tissue map {tissue_name or 'tissue'}: {e}") from e
         report["source"] = name
+        report["tissue_map"] = tissue_name if tissue is not None else None
         atomic_write_json(report, folder / "report.json")
         for name_npy, arr in (("display_image.npy", _display_u8(loaded.array)), ("display_mask.npy", mask)):
             with atomic_path(folder / name_npy) as tmp:
@@ -323,6 +382,7 @@ def create_app(
             "num_slices": int(mask.shape[2]),
             "display_flip": loaded.display_flip,
             "weights": segmenter.weights,
+            "model": segmenter.model_info(),
             "seconds": round(time.perf_counter() - t0, 3),
             "report": report,
             "mask_url": f"/api/results/{rid}/mask",
@@ -340,7 +400,8 @@ def create_app(
 
     @app.get("/api/health")
     def health() -> dict:
-        return {"status": "ok", "weights": Path(segmenter.weights).name, "max_upload_bytes": max_upload_bytes,
+        return {"status": "ok", "weights": Path(segmenter.weights).name, "model": segmenter.model_info(),
+                "max_upload_bytes": max_upload_bytes,
                 "max_image_voxels": limits.max_voxels, "max_slice_pixels": limits.max_slice_pixels}
 
     @app.post("/api/segment")
@@ -350,8 +411,8 @@ def create_app(
         try:
             with retention.in_use(folder):
                 try:
-                    upload, name = await receive_upload(request, folder)
-                    result = await run_in_threadpool(process, upload, name, folder)
+                    upload, name, tissue, tissue_name = await receive_upload(request, folder)
+                    result = await run_in_threadpool(process, upload, name, folder, tissue, tissue_name)
                 except BaseException:
                     shutil.rmtree(folder, ignore_errors=True)
                     raise

@@ -3,7 +3,7 @@
 by MONAI Label): ``python -m scripts.lesions.generate`` (see docs/lesion_workflow.md, "Synthetic FLAIR lesions").
 
 Modules, one job each: :mod:`~scripts.lesions.anatomy` (tissue classes, ventricles and the infratentorial region
-from the maps), :mod:`~scripts.lesions.locations` (the location class of a white-matter voxel from a tissue map),
+from the maps), :mod:`scripts.hunet.locations` (tissue-map values and location classes, served with the lesion reports),
 :mod:`~scripts.lesions.acquisition` (voxel grid, slice thickness, random deformation), :mod:`~scripts.lesions.lesions`
 (lesion shapes, sizes and placement), :mod:`~scripts.lesions.appearance` (FLAIR-like contrast, bias field, blur,
 noise) and :mod:`~scripts.lesions.generate` (one volume, a seeded dataset, the command line).

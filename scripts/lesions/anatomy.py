@@ -34,6 +34,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from scripts.demo.data import MNI_FILES
+from scripts.hunet.locations import (  # the tissue-map values, shared with the lesion reports
+    BACKGROUND, CSF, GREY_MATTER, INFRATENTORIAL, TISSUE_LABELS, VENTRICLE, WHITE_MATTER,
+)
 
 __all__ = [
     "BACKGROUND", "CSF", "VENTRICLE", "GREY_MATTER", "WHITE_MATTER", "INFRATENTORIAL", "TISSUE_LABELS",
@@ -43,12 +46,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKGROUND, CSF, VENTRICLE, GREY_MATTER, WHITE_MATTER, INFRATENTORIAL = range(6)
-#: the values of a tissue map and their names
-TISSUE_LABELS: dict[int, str] = {
-    BACKGROUND: "background", CSF: "csf", VENTRICLE: "ventricle", GREY_MATTER: "grey_matter",
-    WHITE_MATTER: "white_matter", INFRATENTORIAL: "infratentorial",
-}
 #: values of :attr:`Anatomy.region`
 REGION_VENTRICLE, REGION_INFRATENTORIAL = 1, 2
 #: the files of ``--mni_dir``: T1, grey and white matter, as :func:`scripts.demo.data.fetch_mni` names them

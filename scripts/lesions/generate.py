@@ -6,7 +6,7 @@ Each volume draws everything from its own generator, seeded by ``(seed, split, i
 same arguments give the same arrays, a volume does not depend on how many others are made, and the test volumes
 (other seeds, and by default the lesion loads the training volumes do not use) differ from the training ones. The
 steps: a voxel grid and a deformation (:mod:`~scripts.lesions.acquisition`), the deformed tissue maps and their
-location zones (:mod:`~scripts.lesions.anatomy`, :mod:`~scripts.lesions.locations`), the lesions
+location zones (:mod:`~scripts.lesions.anatomy`, :mod:`scripts.hunet.locations`), the lesions
 (:mod:`~scripts.lesions.lesions`) and the image (:mod:`~scripts.lesions.appearance`).
 
 Output under ``--output``: ``images/<case>.nii.gz`` (float32), ``labels/<case>.nii.gz`` (uint8, 1 on lesions),
@@ -41,7 +41,7 @@ from scripts.lesions.acquisition import (
 from scripts.lesions.anatomy import TISSUE_LABELS, Anatomy, load_anatomy
 from scripts.lesions.appearance import render_flair, sample_contrast
 from scripts.lesions.lesions import LESION_LOADS, LesionLoad, place_lesions
-from scripts.lesions.locations import JUXTACORTICAL_MM, PERIVENTRICULAR_MM, location_maps
+from scripts.hunet.locations import JUXTACORTICAL_MM, PERIVENTRICULAR_MM, location_maps
 
 __all__ = ["SPLIT_CODES", "CASE_PREFIX", "SyntheticVolume", "volume_rng", "synthesize_volume", "test_loads",
            "generate_dataset", "build_parser", "main"]
@@ -197,6 +197,7 @@ def generate_dataset(
     datalist: dict = {
         "description": "Synthetic FLAIR-like volumes with MS-like lesions (not patients' images), made from the "
                        "MNI152 2009a T1 and tissue maps by scripts.lesions.generate; see docs/lesion_workflow.md",
+        "synthetic": True,
         "labels": {"0": "background", "1": "lesion"},
         "modality": {"0": "FLAIR (synthetic)"},
         "tissue_labels": {str(k): v for k, v in TISSUE_LABELS.items()},

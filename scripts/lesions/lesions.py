@@ -6,7 +6,7 @@
   grids, see :meth:`LesionLoad.volume_range`). Juxtacortical lesions are at most 1 ml, infratentorial ones 1.5 ml
   (:data:`LOCATION_MAX_ML`).
 * **location**: each lesion draws a class with the load's weights and its centre uniformly among the voxels of that
-  class's zone (:mod:`scripts.lesions.locations`) whose tissue probability is at least 0.6.
+  class's zone (:mod:`scripts.hunet.locations`) whose tissue probability is at least 0.6.
 * **shape**: an ellipsoid of the drawn volume with random semi-axis ratios (0.45-1) and a random orientation; a
   periventricular lesion's long axis points away from the ventricle wall (along the gradient of the distance to the
   ventricles) with probability 0.7, as Dawson's fingers do. A share ``irregular`` of the lesions of at least 30
@@ -34,7 +34,7 @@ from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
 from scripts.lesions.anatomy import GREY_MATTER, INFRATENTORIAL, WHITE_MATTER, Anatomy
-from scripts.lesions.locations import LOCATIONS, LocationMaps
+from scripts.hunet.locations import LOCATIONS, LocationMaps
 
 __all__ = ["LesionLoad", "LESION_LOADS", "LOCATION_MAX_ML", "LesionSet", "place_lesions", "render_shape"]
 
@@ -64,7 +64,7 @@ class LesionLoad:
         volume_ml: range of a lesion's volume (ml), drawn log-uniformly.
         min_voxels: fewest voxels of a lesion on the volume's grid.
         irregular: share of irregular (lobulated or noisy) shapes among lesions of at least 30 voxels.
-        weights: relative frequency of each location class (:data:`scripts.lesions.locations.LOCATIONS`).
+        weights: relative frequency of each location class (:data:`scripts.hunet.locations.LOCATIONS`).
         contrast: range of a lesion's intensity relative to grey matter (> 1: brighter).
     """
 
@@ -251,7 +251,7 @@ def place_lesions(
         rng: the volume's generator.
         anatomy: the volume's (deformed) tissue probabilities, on its grid.
         tissue: its tissue map (:meth:`~scripts.lesions.anatomy.Anatomy.tissue`).
-        maps: its location zones (:func:`scripts.lesions.locations.location_maps` of ``tissue``).
+        maps: its location zones (:func:`scripts.hunet.locations.location_maps` of ``tissue``).
         load: the lesion load.
         max_attempts: draws per lesion before it is left out.
 

@@ -1,5 +1,9 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""The location class of a white-matter voxel from a tissue map (:data:`scripts.lesions.anatomy.TISSUE_LABELS`).
+"""Tissue-map values and the location class of a white-matter voxel (used by lesion reports and the generator).
+
+A tissue map is a uint8 volume with the values of :data:`TISSUE_LABELS`: 0 background, 1 CSF, 2 ventricle, 3 grey
+matter, 4 white matter, 5 infratentorial tissue (brainstem and cerebellum). ``python -m scripts.lesions.generate``
+writes one beside each synthetic volume; any segmentation relabelled to these values works.
 
 The rule, applied to a lesion's centre voxel (distances between voxel centres, in mm, on the map's own grid):
 
@@ -22,10 +26,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.lesions.anatomy import GREY_MATTER, INFRATENTORIAL, VENTRICLE, WHITE_MATTER
+__all__ = ["BACKGROUND", "CSF", "VENTRICLE", "GREY_MATTER", "WHITE_MATTER", "INFRATENTORIAL", "TISSUE_LABELS",
+           "LOCATIONS", "PERIVENTRICULAR_MM", "JUXTACORTICAL_MM", "LocationMaps", "location_maps", "location_at"]
 
-__all__ = ["LOCATIONS", "PERIVENTRICULAR_MM", "JUXTACORTICAL_MM", "LocationMaps", "location_maps", "location_at"]
-
+BACKGROUND, CSF, VENTRICLE, GREY_MATTER, WHITE_MATTER, INFRATENTORIAL = range(6)
+#: the values of a tissue map and their names
+TISSUE_LABELS: dict[int, str] = {
+    BACKGROUND: "background", CSF: "csf", VENTRICLE: "ventricle", GREY_MATTER: "grey_matter",
+    WHITE_MATTER: "white_matter", INFRATENTORIAL: "infratentorial",
+}
 #: the location classes; a zone map holds ``index + 1`` (0: no class)
 LOCATIONS: tuple[str, ...] = ("periventricular", "juxtacortical", "deep_white_matter", "infratentorial")
 PERIVENTRICULAR_MM = 5.0
@@ -81,7 +90,7 @@ def location_maps(
     """The location zones of a tissue map (rule in the module's docs).
 
     Args:
-        tissue: 3D tissue map with the values of :data:`scripts.lesions.anatomy.TISSUE_LABELS`.
+        tissue: 3D tissue map with the values of :data:`TISSUE_LABELS`.
         spacing: voxel size in mm along each axis.
         periventricular_mm: the periventricular distance to the ventricles.
         juxtacortical_mm: the juxtacortical distance to grey matter.
