@@ -67,7 +67,7 @@ lesion-data: setup
 lesion-model: lesion-data
 	$(PY) -m monai.bundle run training --config_file configs/hunet_train.yaml $(HUNET_BUNDLE_ARGS) $(HUNET_DEMO_ARGS) \
 		--dataset_dir $(LESION_DIR) --datalist $(LESION_DIR)/datalist.json --epochs $(LESION_EPOCHS) \
-		--val_interval $(LESION_EPOCHS) --batch_size 8 --pos_ratio 3 --learning_rate 0.002 --loss#batch true
+		--val_interval $(LESION_EPOCHS) --batch_size 8 --pos_ratio 3 --learning_rate 0.002
 
 demo-lesions: setup
 	@start=$$(date +%s); \
