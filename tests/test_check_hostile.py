@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -18,7 +14,7 @@ from monai.utils import optional_import
 
 from scripts.checks import hostile
 from scripts.checks.hostile import CASES, main
-from tests.utils import ROOT, env_with_root
+from tests.utils import ROOT, start_lesion_service, stop_process
 
 httpx, has_httpx = optional_import("httpx")
 _, has_fastapi = optional_import("fastapi")
@@ -54,12 +50,6 @@ class TestBundleTarget(unittest.TestCase):
                 main(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @unittest.skipUnless(has_httpx and has_fastapi and has_uvicorn, "httpx, fastapi and uvicorn are needed")
 class TestHUNetTarget(unittest.TestCase):
     """``--target hunet`` against ``python -m scripts.hunet.service`` started here (random tiny weights)."""
@@ -67,36 +57,19 @@ class TestHUNetTarget(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
-        cls.port = _free_port()
-        cmd = [sys.executable, "-m", "scripts.hunet.service", "--bundle_root", str(ROOT), "--port", str(cls.port),
-               "--work_dir", str(Path(cls._tmp.name) / "work"), "--device", "cpu", "--allow_untrained",
-               "--max_upload_mb", "8"]
+        args = ["--bundle_root", str(ROOT), "--work_dir", str(Path(cls._tmp.name) / "work"), "--device", "cpu",
+                "--allow_untrained", "--max_upload_mb", "8"]
         for o in TINY:
-            cmd += ["--override", o]
-        cls.log = open(Path(cls._tmp.name) / "service.log", "w")
-        cls.proc = subprocess.Popen(cmd, cwd=ROOT, env=env_with_root(), stdout=cls.log, stderr=subprocess.STDOUT)
-        cls.url = f"http://127.0.0.1:{cls.port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(cls.url + "/api/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if cls.proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        cls.tearDownClass()
-        raise RuntimeError(f"the lesion service did not start: {(Path(cls._tmp.name) / 'service.log').read_text()}")
+            args += ["--override", o]
+        try:
+            cls.proc, cls.url = start_lesion_service(args, Path(cls._tmp.name) / "service.log")
+        except RuntimeError:
+            cls._tmp.cleanup()
+            raise
 
     @classmethod
     def tearDownClass(cls):
-        cls.proc.terminate()
-        try:
-            cls.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            cls.proc.kill()
-        cls.log.close()
+        stop_process(cls.proc)
         cls._tmp.cleanup()
 
     def test_all_cases_pass(self):

@@ -11,7 +11,6 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 from monai.utils import optional_import
 
 from tests.test_hunet_service import make_segmenter
+from tests.utils import free_port, start_lesion_service, stop_process
 
 httpx, has_httpx = optional_import("httpx")
 uvicorn, has_uvicorn = optional_import("uvicorn")
@@ -42,12 +42,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--window-size=1100,800",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_volume(path: Path) -> Path:
@@ -208,9 +202,6 @@ class TestServiceCommandOnGeneratedFlair(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        import subprocess
-        import sys
-
         from scripts.lesions.anatomy import load_anatomy
         from scripts.lesions.generate import generate_dataset
 
@@ -222,31 +213,14 @@ class TestServiceCommandOnGeneratedFlair(unittest.TestCase):
                          test_lesion_load="high", shape=None if cls.trained else (48, 56, 12))
         entry = json.loads((data / "datalist.json").read_text())["test"][0]
         cls.image, cls.tissue, cls.label = (data / entry[k] for k in ("image", "tissue", "label"))
-        cls.port = free_port()
-        cls.base = f"http://127.0.0.1:{cls.port}"
         root = Path(__file__).resolve().parents[1]
-        cls.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.hunet.service", "--bundle_root", str(cls.tmp / "bundle"), "--config_file",
-             str(root / "configs" / "hunet_inference.yaml"), "--port", str(cls.port), "--device", "cpu"],
-            cwd=root, stdout=subprocess.DEVNULL, stderr=open(cls.tmp / "service.log", "wb"))
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(cls.base + "/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-            if cls.proc.poll() is not None:
-                break
-        else:
-            cls.proc.kill()
-        if cls.proc.poll() is not None:
-            raise RuntimeError("the service did not start: " + (cls.tmp / "service.log").read_text()[-2000:])
+        cls.proc, cls.base = start_lesion_service(
+            ["--bundle_root", str(cls.tmp / "bundle"), "--config_file", str(root / "configs" / "hunet_inference.yaml"),
+             "--device", "cpu"], cls.tmp / "service.log", timeout=120)
 
     @classmethod
     def tearDownClass(cls):
-        cls.proc.terminate()
-        cls.proc.wait(timeout=20)
+        stop_process(cls.proc)
         cls._tmp.cleanup()
 
     def test_generated_flair_with_tissue_map(self):

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -125,3 +128,47 @@ def run_inference(bundle, input_files, output_dir, *args, timeout=600):
          "--bundle_root", ".", "--device", "cpu", "--tta_mirror_axes", "None",
          "--input_files", repr([str(f) for f in input_files]), "--output_dir", str(output_dir), *args],
         cwd=bundle, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Terminate ``proc``; kill it if it has not ended within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_lesion_service(args: list[str], log_path: Path, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m scripts.hunet.service ARGS --port P`` (P free, output in ``log_path``) and wait until
+    ``/api/health`` answers 200; returns the process and its URL.
+
+    Raises:
+        RuntimeError: the service ended or did not answer within ``timeout`` seconds (it is stopped), with the end
+            of its log.
+    """
+    import httpx
+
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "scripts.hunet.service", *args, "--port", str(port)],
+                                cwd=ROOT, env=env_with_root(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    stop_process(proc)
+    raise RuntimeError(f"the lesion service did not start: {Path(log_path).read_text(errors='replace')[-2000:]}")

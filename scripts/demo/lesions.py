@@ -18,13 +18,15 @@ Usage::
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from scripts.cli import CommandLineError, OneLineArgumentParser
 from scripts.io_utils import atomic_write_json, atomic_write_text
+from scripts.metrics import summarise
 
 __all__ = ["COLUMNS", "summarise_cases", "summarise_sets", "markdown", "main"]
 
@@ -33,17 +35,13 @@ COLUMNS: tuple[str, ...] = ("dsc", "iou", "hd95", "sensitivity", "specificity", 
 """The per-case metrics averaged over a set's cases."""
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return sum(finite) / len(finite) if finite else None
-
-
 def summarise_cases(cases: Sequence[Mapping]) -> dict:
     """Means over ``cases`` (rows of a ``metrics.json``) of :data:`COLUMNS` (cases where a metric is undefined are
     left out of its mean), the case count and the pooled lesion-wise counts."""
     out: dict = {"cases": len(cases)}
     for column in COLUMNS:
-        out[column] = _mean([c.get(column) for c in cases])
+        # the evaluation's own rule (scripts.metrics.summarise): mean over the finite values, None without one
+        out[column] = summarise(np.array([c.get(column) for c in cases], dtype=np.float64))["mean"]
     gt = sum(int(c.get("gt_lesions") or 0) for c in cases)
     detected = sum(int(c.get("detected_lesions") or 0) for c in cases)
     out.update(gt_lesions=gt, detected_lesions=detected,

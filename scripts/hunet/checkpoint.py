@@ -11,13 +11,10 @@ Records hold plain numbers, strings and lists only, so ``torch.load(..., weights
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["RECORD_KEY", "RECORDED_KEYS", "ConfigRecord", "recorded_config"]
-
-logger = logging.getLogger(__name__)
 
 RECORD_KEY = "config"
 """The checkpoint entry of the record."""

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from scripts.hunet.locations import LOCATIONS, TISSUE_LABELS, location_maps
 
-__all__ = ["lesion_report", "lesion_detection", "case_metrics", "METRICS", "OTHER_LOCATION"]
+__all__ = ["lesion_report", "lesion_detection", "check_tissue", "case_metrics", "METRICS", "OTHER_LOCATION"]
 
 METRICS = ("iou", "hd95", "dsc", "sensitivity", "specificity", "lesion_recall", "lesion_precision", "lesion_fp")
 """The metrics :func:`case_metrics` computes (besides the voxel counts ``tp``, ``fp``, ``fn``, ``tn`` and the lesion
@@ -35,7 +35,12 @@ def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
     return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, connectivity))
 
 
-def _check_tissue(tissue: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def check_tissue(tissue: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``tissue`` as a uint8 map of ``shape`` (a 2D map gains a last axis of 1).
+
+    Raises:
+        ValueError: another shape, fractional values, or values outside :data:`scripts.hunet.locations.TISSUE_LABELS`.
+    """
     tissue = np.asarray(tissue)
     if tissue.ndim == 2:
         tissue = tissue[..., None]
@@ -95,7 +100,7 @@ def lesion_report(
     labels, num = _components(fg, connectivity)
     zones = None
     if tissue is not None:
-        zones = location_maps(_check_tissue(tissue, mask.shape), spacing).zones
+        zones = location_maps(check_tissue(tissue, mask.shape), spacing).zones
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesions = []
     if num:

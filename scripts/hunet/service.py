@@ -46,7 +46,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, SaveImaged
 
 from scripts.hunet.checkpoint import RECORDED_KEYS, recorded_config
-from scripts.hunet.report import lesion_report
+from scripts.hunet.report import check_tissue, lesion_report
 from scripts.hunet.retention import RESULT_ID, ResultRetention
 from scripts.hunet.uploads import UPLOAD_LIMITS, LoadedUpload, UploadError, load_upload
 from scripts.image_guard import ImageLimits, InputError
@@ -345,8 +345,12 @@ def create_app(
         if tissue.array.shape != image.array.shape or not np.allclose(tissue.affine, image.affine, atol=1e-3):
             raise UploadError(f"the tissue map {name or 'tissue'} {tissue.array.shape} is not on the image's grid "
                               f"{image.array.shape}; send the map of the same volume")
+        try:  # its values too, before any inference is spent on the request
+            checked = check_tissue(tissue.array, image.array.shape)
+        except ValueError as e:
+            raise UploadError(f"tissue map {name or 'tissue'}: {e}") from e
         shutil.rmtree(sub, ignore_errors=True)
-        return tissue.array
+        return checked
 
     def process(upload: Path, name: str, folder: Path, tissue_upload: Path | None = None,
                 tissue_name: str = "") -> dict:
@@ -360,10 +364,7 @@ def create_app(
         stem = safe_stem(name or "upload")
         save_nifti_atomic(mask, affine, folder / "mask.nii.gz")
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        try:
-            report = lesion_report(mask, spacing, tissue=tissue)
-        except ValueError as e:  # a tissue map with other values
-            raise UploadError(f"tissue map {tissue_name or 'tissue'}: {e}") from e
+        report = lesion_report(mask, spacing, tissue=tissue)
         report["source"] = name
         report["tissue_map"] = tissue_name if tissue is not None else None
         atomic_write_json(report, folder / "report.json")
