@@ -20,7 +20,7 @@ from skimage.measure import label as sk_label
 from scripts.handlers import MetricsJSONWriter
 from scripts.hunet.locations import CSF, GREY_MATTER, INFRATENTORIAL, VENTRICLE, WHITE_MATTER
 from scripts.hunet.report import METRICS, OTHER_LOCATION, case_metrics, lesion_detection, lesion_report
-from scripts.hunet.transforms import EnsureVolumed, UnsharpMask
+from scripts.hunet.transforms import EnsureVolumed, LesionBalancedIndicesd, UnsharpMask
 from scripts.io_utils import safe_stem
 from scripts.transforms import AtomicSaveSegmentationd
 
@@ -298,6 +298,77 @@ class TestTransforms(unittest.TestCase):
             self.assertEqual(int(np.asarray(out.dataobj).min()), 1)  # rounded, not truncated
             np.testing.assert_allclose(out.affine, image.affine.numpy(), atol=1e-6)
             self.assertEqual(json.loads(Path(d["pred_report_path"]).read_text())["num_lesions"], 1)
+
+
+def _three_lesions() -> np.ndarray:
+    """A (1, 12, 12, 4) label: lesions of 27, 4 and 1 voxels (26-connected)."""
+    lab = np.zeros((1, 12, 12, 4), np.float32)
+    lab[0, 1:4, 1:4, 0:3] = 1
+    lab[0, 8, 8:10, 1:3] = 1
+    lab[0, 10, 1, 3] = 1
+    return lab
+
+
+class TestLesionBalancedIndices(unittest.TestCase):
+    """Crop-centre indices for RandCropByPosNegLabeld, checked against MONAI's FgBgToIndicesd and by counting the
+    entries of each lesion."""
+
+    @staticmethod
+    def _per_lesion(fg: np.ndarray, lab: np.ndarray) -> list[int]:
+        comp = sk_label(lab[0] > 0, connectivity=3).reshape(-1)  # an independent labelling (scikit-image)
+        counts = np.bincount(comp[np.asarray(fg)], minlength=comp.max() + 1)[1:]
+        return sorted(int(c) for c in counts)
+
+    @parameterized.expand([[0.0, [1, 4, 27]], [0.5, [5, 10, 27]], [1.0, [27, 27, 27]]])
+    def test_entries_per_lesion(self, balance, expected):
+        lab = _three_lesions()
+        d = LesionBalancedIndicesd("label", balance=balance)({"label": torch.from_numpy(lab)})
+        fg = np.asarray(d["label_fg_indices"])
+        self.assertEqual(self._per_lesion(fg, lab), expected)  # round(n ** (1 - b) * 27 ** b) entries each
+        self.assertTrue(set(fg.tolist()) == set(np.flatnonzero(lab[0]).tolist()))  # every lesion voxel, only those
+
+    def test_voxel_uniform_and_background_match_monai(self):
+        from monai.transforms import FgBgToIndicesd
+
+        lab = torch.from_numpy(_three_lesions())
+        img = torch.rand(1, 12, 12, 4) - 0.3
+        ours = LesionBalancedIndicesd("label", image_key="image", image_threshold=0.1, balance=0.0)(
+            {"label": lab, "image": img}
+        )
+        ref = FgBgToIndicesd("label", image_key="image", image_threshold=0.1)({"label": lab, "image": img})
+        np.testing.assert_array_equal(np.sort(ours["label_fg_indices"]), np.asarray(ref["label_fg_indices"]))
+        np.testing.assert_array_equal(np.asarray(ours["label_bg_indices"]), np.asarray(ref["label_bg_indices"]))
+
+    def test_cap_thins_large_lesions_evenly(self):
+        lab = _three_lesions()
+        fg = np.asarray(LesionBalancedIndicesd("label", balance=1.0, max_entries=9)({"label": lab})["label_fg_indices"])
+        self.assertEqual(self._per_lesion(fg, lab), [9, 9, 9])
+        big = np.zeros(lab.shape[1:], bool)
+        big[1:4, 1:4, 0:3] = True
+        kept = np.unravel_index(fg[np.isin(fg, np.flatnonzero(big))], big.shape)
+        self.assertEqual(set(kept[2].tolist()), {0, 1, 2})  # the 9 of 27 entries span the lesion's slices
+
+    def test_connectivity_and_one_hot(self):
+        lab = np.zeros((1, 6, 6, 1), np.float32)
+        lab[0, 1, 1, 0] = lab[0, 2, 2, 0] = 1  # diagonal neighbours: one lesion (8-connected) or two (4-connected)
+        lab[0, 4, 4, 0] = 1
+        for conn, expected in ((1, [1, 1, 1]), (2, [1, 1, 2])):
+            fg = LesionBalancedIndicesd("label", balance=1.0, connectivity=conn)({"label": lab})["label_fg_indices"]
+            counts = np.bincount(np.asarray(fg), minlength=36)
+            self.assertEqual(sorted(counts[counts > 0].tolist()), expected)
+        one_hot = np.concatenate([1 - lab, lab])
+        fg = LesionBalancedIndicesd("label", balance=1.0)({"label": one_hot})["label_fg_indices"]
+        self.assertEqual(sorted(set(np.asarray(fg).tolist())), [7, 14, 28])
+
+    def test_no_lesion(self):
+        d = LesionBalancedIndicesd("label")({"label": np.zeros((1, 4, 4, 2))})
+        self.assertEqual(len(d["label_fg_indices"]), 0)
+        self.assertEqual(len(d["label_bg_indices"]), 32)
+
+    @parameterized.expand([[{"balance": -0.1}], [{"balance": 1.5}], [{"max_entries": 0}]])
+    def test_bad_args(self, kw):
+        with self.assertRaises(ValueError):
+            LesionBalancedIndicesd("label", **kw)
 
 
 class TestCaseMetricsWriter(unittest.TestCase):

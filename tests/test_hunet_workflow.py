@@ -97,14 +97,14 @@ class TestHUNetWorkflow(unittest.TestCase):
 class TestTrainingSamples(unittest.TestCase):
     """configs/hunet_train.yaml's samples with crops smaller than the slice (train_patch < img_size)."""
 
-    def _samples(self, tmp: Path, **override) -> list[dict]:
+    def _samples(self, tmp: Path, lab: np.ndarray | None = None, rounds: int = 12, **override) -> list[dict]:
         from monai.bundle import ConfigParser
 
-        # a one-voxel lesion in the middle: a crop centred on it always has it at its centre
         rng = np.random.default_rng(0)
         img = (100 + 10 * rng.standard_normal((64, 64, 4))).astype(np.float32)
-        lab = np.zeros((64, 64, 4), np.uint8)
-        lab[31, 30, 2] = 1
+        if lab is None:  # a one-voxel lesion in the middle: a crop centred on it always has it at its centre
+            lab = np.zeros((64, 64, 4), np.uint8)
+            lab[31, 30, 2] = 1
         img[lab > 0] = 250
         img_p, lab_p = str(tmp / "img.nii.gz"), str(tmp / "lab.nii.gz")
         nib.save(nib.Nifti1Image(img, np.diag([1.0, 1.0, 3.0, 1.0])), img_p)
@@ -115,7 +115,7 @@ class TestTrainingSamples(unittest.TestCase):
                        **override})
         transform = parser.get_parsed_content("train#preprocessing")
         transform.set_random_state(seed=0)
-        return [s for _ in range(12) for s in transform({"image": img_p, "label": lab_p})]
+        return [s for _ in range(rounds) for s in transform({"image": img_p, "label": lab_p})]
 
     def test_lesions_not_always_at_the_crop_centre(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -125,6 +125,20 @@ class TestTrainingSamples(unittest.TestCase):
                    for s in samples if s["label"].sum() > 0}
         self.assertGreater(len(centres), 10)  # the lesion lies at many places in the crops
         self.assertGreater(max(abs(c[0] - 16) + abs(c[1] - 16) for c in centres), 8)
+
+    def test_small_lesions_drawn_as_often_as_large_ones(self):
+        """lesion_balance 1: a one-voxel lesion is the crop centre as often as a 300-voxel one; 0: once per voxel."""
+        lab = np.zeros((64, 64, 4), np.uint8)
+        lab[10:20, 10:20, 0:3] = 1  # 300 voxels on slices 0-2
+        lab[50, 50, 3] = 1  # one voxel on slice 3: a crop shows it only when centred on it
+        shares = {}
+        for balance in (0.0, 1.0):
+            with tempfile.TemporaryDirectory() as tmp:
+                samples = self._samples(Path(tmp), lab, rounds=25, lesion_balance=balance, pos_ratio=9)
+            with_lesion = [int(s["label"].sum()) for s in samples if s["label"].sum() > 0]
+            shares[balance] = sum(n == 1 for n in with_lesion) / len(with_lesion)
+        self.assertLess(shares[0.0], 0.1)  # expected 1/301
+        self.assertGreater(shares[1.0], 0.3)  # expected 1/2
 
     def test_whole_slices_by_default(self):
         with tempfile.TemporaryDirectory() as tmp:

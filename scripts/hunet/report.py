@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from scripts.hunet.locations import LOCATIONS, TISSUE_LABELS, location_maps
 
-__all__ = ["lesion_report", "lesion_detection", "check_tissue", "case_metrics", "METRICS", "OTHER_LOCATION"]
+__all__ = ["lesion_report", "lesion_detection", "connected_components", "check_tissue", "case_metrics", "METRICS", "OTHER_LOCATION"]
 
 METRICS = ("iou", "hd95", "dsc", "sensitivity", "specificity", "lesion_recall", "lesion_precision", "lesion_fp")
 """The metrics :func:`case_metrics` computes (besides the voxel counts ``tp``, ``fp``, ``fn``, ``tn`` and the lesion
@@ -28,7 +28,7 @@ OTHER_LOCATION = "other"
 """The location of a lesion whose representative voxel has no class (grey matter, CSF, background)."""
 
 
-def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
     """The connected components of a 2D / 3D mask (``connectivity`` 1 to ``mask.ndim``) and their number."""
     if not 1 <= connectivity <= mask.ndim:
         raise ValueError(f"connectivity must be 1 to {mask.ndim} for a {mask.ndim}D mask, got {connectivity}.")
@@ -97,7 +97,7 @@ def lesion_report(
     if len(spacing) != 3 or any(s <= 0 for s in spacing):
         raise ValueError(f"spacing must give a positive size per axis of the mask, got {spacing}.")
     fg = mask > 0
-    labels, num = _components(fg, connectivity)
+    labels, num = connected_components(fg, connectivity)
     zones = None
     if tissue is not None:
         zones = location_maps(check_tissue(tissue, mask.shape), spacing).zones
@@ -168,8 +168,8 @@ def lesion_detection(pred: np.ndarray, label: np.ndarray, connectivity: int | No
         raise ValueError(f"prediction {p.shape} and label {g.shape} must have the same shape.")
     if p.ndim not in (2, 3):
         raise ValueError(f"lesion_detection expects 2D or 3D masks, got shape {p.shape}.")
-    g_labels, n_gt = _components(g, connectivity or g.ndim)
-    p_labels, n_pred = _components(p, connectivity or p.ndim)
+    g_labels, n_gt = connected_components(g, connectivity or g.ndim)
+    p_labels, n_pred = connected_components(p, connectivity or p.ndim)
     detected = len(np.unique(g_labels[p & g]))
     hit = len(np.unique(p_labels[p & g]))
     return {

@@ -1,6 +1,6 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
-"""Transforms of the 2D Mamba-HUNet workflow: in-plane unsharp masking and 2D-to-volume lifting (masks are saved by
-:class:`scripts.transforms.AtomicSaveSegmentationd` with ``report=True``)."""
+"""Transforms of the 2D Mamba-HUNet workflow: in-plane unsharp masking, 2D-to-volume lifting and lesion-balanced crop
+centres (masks are saved by :class:`scripts.transforms.AtomicSaveSegmentationd` with ``report=True``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
+from monai.transforms.utils import map_binary_to_indices
 
-__all__ = ["UnsharpMask", "UnsharpMaskd", "EnsureVolumed"]
+from scripts.hunet.report import connected_components
+
+__all__ = ["UnsharpMask", "UnsharpMaskd", "EnsureVolumed", "LesionBalancedIndicesd"]
 
 
 def _gaussian_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -124,4 +127,90 @@ class EnsureVolumed(MapTransform):
                 d[key] = img
             elif img.ndim != 4:
                 raise ValueError(f"{key!r} must be (C, H, W) or (C, H, W, D), got shape {tuple(img.shape)}.")
+        return d
+
+
+class LesionBalancedIndicesd(MapTransform):
+    """Foreground and background voxel indices for :class:`monai.transforms.RandCropByPosNegLabeld`
+    (``fg_indices_key`` / ``bg_indices_key``), with the foreground weighted per lesion.
+
+    ``RandCropByPosNegLabeld`` draws a positive centre uniformly from its foreground indices, so a lesion is chosen
+    in proportion to its volume and a volume's few-voxel lesions are rarely the centre of a crop. Here every lesion
+    (connected component of the label) is given a number of entries ``max(1, round(n ** (1 - balance) *
+    ref ** balance))``, where ``n`` is its voxel count and ``ref`` the largest lesion's count capped at
+    ``max_entries``; its voxels fill these entries evenly (repeated, or evenly thinned when there are fewer
+    entries than voxels). ``balance`` 0 keeps MONAI's voxel-uniform choice (up to the cap); 1 makes every lesion
+    equally likely whatever its size. The background indices are MONAI's (``map_binary_to_indices``): label 0 and,
+    with ``image_key``, image above ``image_threshold``.
+
+    The indices are flat, over the label's spatial shape, as ``FgBgToIndicesd`` writes them; they are stored under
+    ``key + fg_postfix`` and ``key + bg_postfix``. Apply before any random transform, so that a cached dataset keeps
+    them.
+
+    Args:
+        keys: the label key(s); any non-zero value is foreground.
+        image_key: optional image whose values above ``image_threshold`` bound the background.
+        image_threshold: see ``image_key``.
+        balance: 0 (voxel-uniform) to 1 (lesion-uniform).
+        connectivity: neighbourhood of the lesions, 1 to the number of spatial axes (default: all, 26-connected
+            in 3D), as in :func:`scripts.hunet.report.lesion_detection`.
+        max_entries: cap on ``ref``, which bounds the entries per lesion.
+        fg_postfix: suffix of the foreground indices' key.
+        bg_postfix: suffix of the background indices' key.
+        allow_missing_keys: don't raise if a key is missing.
+
+    Raises:
+        ValueError: ``balance`` outside [0, 1] or ``max_entries`` < 1.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str | None = None,
+        image_threshold: float = 0.0,
+        balance: float = 1.0,
+        connectivity: int | None = None,
+        max_entries: int = 4096,
+        fg_postfix: str = "_fg_indices",
+        bg_postfix: str = "_bg_indices",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not 0.0 <= balance <= 1.0:
+            raise ValueError(f"balance must be in [0, 1], got {balance}.")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}.")
+        self.image_key, self.image_threshold = image_key, float(image_threshold)
+        self.balance, self.connectivity, self.max_entries = float(balance), connectivity, int(max_entries)
+        self.fg_postfix, self.bg_postfix = fg_postfix, bg_postfix
+
+    def lesion_indices(self, label: np.ndarray | torch.Tensor, fg: np.ndarray) -> np.ndarray:
+        """The foreground entries of a channel-first ``label`` whose flat foreground indices are ``fg``."""
+        lab = np.asarray(label)
+        mask = (lab if lab.shape[0] == 1 else lab[1:]).any(axis=0)  # one-hot: the channels after the background
+        components, num = connected_components(mask, self.connectivity or mask.ndim)
+        if num == 0:
+            return fg
+        ids = components.reshape(-1)[fg]
+        order = np.argsort(ids, kind="stable")
+        sizes = np.bincount(ids, minlength=num + 1)[1:]
+        ref = min(int(sizes.max()), self.max_entries)
+        entries = np.maximum(1, np.round(sizes ** (1.0 - self.balance) * ref**self.balance)).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        picks = [
+            fg[order[s + np.round(np.linspace(0, n - 1, e)).astype(np.int64)]]
+            for s, n, e in zip(starts, sizes, entries)
+        ]
+        return np.concatenate(picks)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image = d[self.image_key] if self.image_key else None
+        for key in self.key_iterator(d):
+            label = d[key]
+            fg, bg = map_binary_to_indices(label, image, self.image_threshold)
+            fg_np = np.asarray(fg.cpu() if isinstance(fg, torch.Tensor) else fg, dtype=np.int64)
+            label_np = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+            d[str(key) + self.fg_postfix] = self.lesion_indices(label_np, fg_np)
+            d[str(key) + self.bg_postfix] = bg
         return d
