@@ -266,12 +266,14 @@ class TestBenchmark(unittest.TestCase):
         self.assertAlmostEqual(fit_exponent(edges, [2.0 * e**3 for e in edges]), 3.0, places=6)
         self.assertIsNone(fit_exponent([32], [1.0]))
 
-    @parameterized.expand([("mambaclinix_demo+ckpt", "step"), ("mambaclinix_demo+ckptblock", "block"), ("mambaclinix_demo", False)])
+    @parameterized.expand([("mambaclinix_demo+ckpt", "step"), ("mambaclinix_demo+ckptblock", "block"),
+                           ("mambaclinix_demo+ckptfirst", "first_level"), ("mambaclinix_demo", False)])
     def test_checkpointing_options(self, name, mode):
         self.assertEqual(build_model(name).gradient_checkpointing, mode)
 
     @parameterized.expand(
-        [("swinunetr+bogus",), ("nosuchnet",), ("dynunet+naive",), ("dynunet+ckptblock",), ("mambaclinix+ckpt+ckptblock",)]
+        [("swinunetr+bogus",), ("nosuchnet",), ("dynunet+naive",), ("dynunet+ckptblock",), ("mambaclinix+ckpt+ckptblock",),
+         ("mambaclinix+ckptblock+ckptfirst",)]
     )
     def test_bad_names(self, name):
         with self.assertRaises(ValueError):

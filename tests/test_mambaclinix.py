@@ -74,7 +74,8 @@ class TestMambaClinixShapes(unittest.TestCase):
         net.train()(x).sum().backward()
         self.assertIsNotNone(x.grad)
 
-    @parameterized.expand([(False, 0.0, True), (True, 0.3, True), (False, 0.0, "block"), (True, 0.3, "block")])
+    @parameterized.expand([(False, 0.0, True), (True, 0.3, True), (False, 0.0, "block"), (True, 0.3, "block"),
+                           (False, 0.0, "first_level"), (True, 0.3, "first_level")])
     def test_checkpointing_matches(self, deep_supervision, drop_path_rate, mode):
         kwargs = {"features": (8, 16, 16), "strides": (1, 2, 2), "drop_path_rate": drop_path_rate,
                   "deep_supervision": deep_supervision}
@@ -98,6 +99,27 @@ class TestMambaClinixShapes(unittest.TestCase):
             if u is not None:
                 torch.testing.assert_close(u, v)
 
+    def test_checkpointing_keeps_less(self):
+        """The bytes that autograd keeps for backward (saved-tensor hooks): none > "first_level" > "block"; with
+        "first_level" the first level's blocks (stem, first stage, the decoder's last level) keep only their inputs."""
+        kwargs = {"features": (8, 16, 16), "strides": (1, 2, 2), "deep_supervision": True}
+        torch.manual_seed(1)
+        x = torch.randn(1, 1, 16, 16, 16)
+        kept = {}
+        for mode in (False, "first_level", "block"):
+            net = MambaClinix(3, 1, 2, gradient_checkpointing=mode, **kwargs).train()
+            total = [0]
+
+            def pack(t, total=total):
+                total[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                net(x)
+            kept[mode] = total[0]
+        self.assertLess(kept["first_level"], 0.7 * kept[False])
+        self.assertGreater(kept["first_level"], kept["block"])
+
     def test_checkpointing_switch_reaches_blocks(self):
         from scripts.networks.blocks import ResidualBlock
 
@@ -107,7 +129,9 @@ class TestMambaClinixShapes(unittest.TestCase):
         net.gradient_checkpointing = "block"  # the network checkpoints whole blocks, the blocks not their steps
         self.assertEqual(net.gradient_checkpointing, "block")
         self.assertFalse(any(b.gradient_checkpointing for b in blocks))
-        for text, mode in (("false", False), ("True", "step"), ("Block", "block")):  # command-line overrides
+        net.gradient_checkpointing = "first_level"
+        self.assertFalse(any(b.gradient_checkpointing for b in blocks))
+        for text, mode in (("false", False), ("True", "step"), ("Block", "block"), ("FIRST_LEVEL", "first_level")):
             net.gradient_checkpointing = text
             self.assertEqual(net.gradient_checkpointing, mode)
         net.gradient_checkpointing = True

@@ -232,6 +232,7 @@ def _targets(result: dict[str, Any]) -> list[str]:
                 ("mambaclinix", "chunked scan"),
                 ("mambaclinix+ckpt", "chunked scan + gradient_checkpointing"),
                 ("mambaclinix+ckptblock", "chunked scan + gradient_checkpointing='block'"),
+                ("mambaclinix+ckptfirst", "chunked scan + gradient_checkpointing='first_level'"),
             ):
                 mem = get(variant, size, "memory", key)
                 if mem and naive:

@@ -134,11 +134,13 @@ def _call(fn, *args):
 _checkpointed = functools.partial(checkpoint, use_reentrant=False)
 
 
-def step_runner(module: nn.Module):
+def step_runner(module: nn.Module, enabled: bool | None = None):
     """How ``module`` calls its sub-steps: through a non-reentrant checkpoint (only the step's output is kept, its
-    inside is recomputed in backward) when its ``gradient_checkpointing`` is on, it is training and gradients are
-    enabled; directly otherwise."""
-    if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+    inside is recomputed in backward) when checkpointing is on (``enabled``, or the module's
+    ``gradient_checkpointing`` when ``enabled`` is ``None``), it is training and gradients are enabled; directly
+    otherwise."""
+    on = getattr(module, "gradient_checkpointing", False) if enabled is None else enabled
+    if on and module.training and torch.is_grad_enabled():
         return _checkpointed
     return _call
 

@@ -53,14 +53,19 @@ def _per_stage(value, num_stages: int, spatial_dims: int, name: str) -> list[tup
     return out
 
 
+CHECKPOINT_MODES = (False, "first_level", "block", "step")
+
+
 def _checkpoint_mode(value: bool | str) -> bool | str:
-    """``gradient_checkpointing`` as ``False``, ``"block"`` or ``"step"`` (``True`` means ``"step"``; the strings
+    """``gradient_checkpointing`` as one of :data:`CHECKPOINT_MODES` (``True`` means ``"step"``; the strings
     ``"true"`` / ``"false"`` in any case count as the booleans, as command-line overrides arrive as text)."""
     if isinstance(value, (bool, np.bool_)):
         return "step" if value else False
-    if isinstance(value, str) and value.lower() in ("true", "false", "block", "step"):
+    if isinstance(value, str) and value.lower() in ("true", "false", "first_level", "block", "step"):
         return {"true": "step", "false": False}.get(value.lower(), value.lower())
-    raise ValueError(f"gradient_checkpointing must be False, True, 'block' or 'step', got {value!r}.")
+    raise ValueError(
+        f"gradient_checkpointing must be False, True, 'first_level', 'block' or 'step', got {value!r}."
+    )
 
 
 class MambaClinix(nn.Module):
@@ -99,7 +104,10 @@ class MambaClinix(nn.Module):
         scan_backend: selective-scan backend (``None``: automatic; see ``scripts.networks.selective_scan``).
         gradient_checkpointing: recompute activations in backward instead of keeping them (training only): less
             memory for more step time. ``"block"`` keeps the outputs of the blocks (stem, residual, HGCN and Mamba
-            blocks, up-sampling, skip and fuse blocks) and recomputes each block once in backward; ``"step"`` (or
+            blocks, up-sampling, skip and fuse blocks) and recomputes each block once in backward;
+            ``"first_level"`` does the same for the blocks of the first (highest-resolution) level only: the stem,
+            the first encoder stage and the decoder's last up-sampling, skip and fuse blocks, where the
+            activations are largest; ``"step"`` (or
             ``True``) also checkpoints the convolution sub-steps inside the residual and HGCN blocks, so that the
             recomputation of a block holds one sub-step at a time: the least memory, for one more forward pass of
             those sub-steps. ``False`` keeps everything (figures in docs/benchmarks).
@@ -215,7 +223,8 @@ class MambaClinix(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool | str:
-        """The checkpointing granularity: ``False``, ``"block"`` or ``"step"`` (``True`` is stored as ``"step"``);
+        """The checkpointing granularity: ``False``, ``"first_level"``, ``"block"`` or ``"step"`` (``True`` is stored
+        as ``"step"``);
         setting it switches the blocks' sub-step checkpointing as well."""
         return self._gradient_checkpointing
 
@@ -273,17 +282,22 @@ class MambaClinix(nn.Module):
             # stride: give it the channels-last strides (a free view) so that the stem writes channels-last output
             spatial = int(np.prod(x.shape[2:]))
             x = x.as_strided(x.shape, (spatial, 1, *x.stride()[2:]))
-        run = step_runner(self)  # with gradient_checkpointing: one checkpoint per block
-        h = run(self.stem, x).contiguous(memory_format=memory_format)
+        # with gradient_checkpointing: one checkpoint per block (with "first_level" on the first level's only)
+        mode = self._gradient_checkpointing
+        first = step_runner(self, enabled=bool(mode))
+        deeper = step_runner(self, enabled=bool(mode) and mode != "first_level")
+        h = first(self.stem, x).contiguous(memory_format=memory_format)
         skips = []
-        for stage in self.encoder:
+        for level, stage in enumerate(self.encoder):
+            run = first if level == 0 else deeper
             for block in stage:  # checkpointed block by block: the recomputation peak stays one block's
                 h = run(block, h)
             skips.append(h)
-        h = run(self.bottleneck, skips[-1])
+        h = deeper(self.bottleneck, skips[-1])
         outputs = []
         last = len(self.heads) - 1
         for i, head in enumerate(self.heads):
+            run = first if i == last else deeper
             up, skip = run(self.up[i], h), run(self.skip_blocks[i], skips[-(i + 2)])
             h = run(functools.partial(self._fuse, i), up, skip)
             if all_levels or i == last:
