@@ -7,8 +7,8 @@ instead of :mod:`scripts.networks.cpu_backward`'s), ``+compile``
 (``torch.compile(dynamic=False)``), ``+freeze`` (the same with Inductor's ``freezing``: inference only); for the
 MambaClinix models also ``+cf`` (``channels_last=False``: channels-first memory, PyTorch's default; MambaClinix itself
 runs channels-last on CPU), ``+ckpt`` (``gradient_checkpointing=True``, by sub-step), ``+ckptblock``
-(``gradient_checkpointing="block"``), ``+ckptfirst`` (``gradient_checkpointing="first_level"``) and ``+naive`` / ``+chunked`` / ``+cuda`` (scan backend), e.g.
-``mambaclinix+cf+bf16``. ``authors`` is the authors' own network, built only where their code is installed
+(``gradient_checkpointing="block"``), ``+ckptfirst`` (``gradient_checkpointing="first_level"``) and ``+naive`` /
+``+chunked`` / ``+cuda`` (scan backend), e.g. ``mambaclinix+cf+bf16``. ``authors`` is the authors' own network, built only where their code is installed
 (:mod:`scripts.benchmark.peers`). :func:`build_model` applies the options that change the network; the memory-format,
 autocast and compile options are applied by :class:`scripts.benchmark.workload.Workload`.
 """
@@ -60,7 +60,9 @@ MODELS = {
 }
 """Base model names and what they build (in 1 channel, out 2 classes)."""
 
-OPTIONS = ("cl", "cf", "ckpt", "ckptblock", "ckptfirst", "bf16", "nativebwd", "compile", "freeze", "naive", "chunked", "cuda")
+OPTIONS = (
+    "cl", "cf", "ckpt", "ckptblock", "ckptfirst", "bf16", "nativebwd", "compile", "freeze", "naive", "chunked", "cuda"
+)
 """The ``+`` options a model name may carry (see the module docstring)."""
 DEFAULT_MODELS = ("mambaclinix", "mambaclinix_demo", "umamba_bot", "dynunet", "swinunetr", "segresnet")
 """The models a benchmark run compares unless told otherwise."""

@@ -19,7 +19,10 @@ from scipy import ndimage
 
 from scripts.hunet.locations import LOCATIONS, TISSUE_LABELS, location_maps
 
-__all__ = ["lesion_report", "lesion_detection", "connected_components", "check_tissue", "case_metrics", "METRICS", "OTHER_LOCATION"]
+__all__ = [
+    "lesion_report", "lesion_detection", "connected_components", "check_tissue", "case_metrics", "METRICS",
+    "OTHER_LOCATION",
+]
 
 METRICS = ("iou", "hd95", "dsc", "sensitivity", "specificity", "lesion_recall", "lesion_precision", "lesion_fp")
 """The metrics :func:`case_metrics` computes (besides the voxel counts ``tp``, ``fp``, ``fn``, ``tn`` and the lesion

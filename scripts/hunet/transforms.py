@@ -139,8 +139,8 @@ class LesionBalancedIndicesd(MapTransform):
     (connected component of the label) is given a number of entries ``max(1, round(n ** (1 - balance) *
     ref ** balance))``, where ``n`` is its voxel count and ``ref`` the largest lesion's count capped at
     ``max_entries``; its voxels fill these entries evenly (repeated, or evenly thinned when there are fewer
-    entries than voxels). ``balance`` 0 keeps MONAI's voxel-uniform choice (up to the cap); 1 makes every lesion
-    equally likely whatever its size. The background indices are MONAI's (``map_binary_to_indices``): label 0 and,
+    entries than voxels). ``balance`` 0 keeps MONAI's voxel-uniform choice (``n`` entries, every voxel once); 1 makes
+    every lesion equally likely whatever its size. The background indices are MONAI's (``map_binary_to_indices``): label 0 and,
     with ``image_key``, image above ``image_threshold``.
 
     The indices are flat, over the label's spatial shape, as ``FgBgToIndicesd`` writes them; they are stored under
@@ -184,10 +184,11 @@ class LesionBalancedIndicesd(MapTransform):
         self.balance, self.connectivity, self.max_entries = float(balance), connectivity, int(max_entries)
         self.fg_postfix, self.bg_postfix = fg_postfix, bg_postfix
 
-    def lesion_indices(self, label: np.ndarray | torch.Tensor, fg: np.ndarray) -> np.ndarray:
-        """The foreground entries of a channel-first ``label`` whose flat foreground indices are ``fg``."""
-        lab = np.asarray(label)
-        mask = (lab if lab.shape[0] == 1 else lab[1:]).any(axis=0)  # one-hot: the channels after the background
+    def lesion_indices(self, fg: np.ndarray, spatial_shape: Sequence[int]) -> np.ndarray:
+        """The foreground entries for the flat foreground indices ``fg`` of a label of ``spatial_shape``."""
+        mask = np.zeros(int(np.prod(spatial_shape)), bool)
+        mask[fg] = True  # the lesions are the components of MONAI's own foreground (one-hot: after the background)
+        mask = mask.reshape(tuple(spatial_shape))
         components, num = connected_components(mask, self.connectivity or mask.ndim)
         if num == 0:
             return fg
@@ -210,7 +211,6 @@ class LesionBalancedIndicesd(MapTransform):
             label = d[key]
             fg, bg = map_binary_to_indices(label, image, self.image_threshold)
             fg_np = np.asarray(fg.cpu() if isinstance(fg, torch.Tensor) else fg, dtype=np.int64)
-            label_np = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-            d[str(key) + self.fg_postfix] = self.lesion_indices(label_np, fg_np)
+            d[str(key) + self.fg_postfix] = self.lesion_indices(fg_np, label.shape[1:])
             d[str(key) + self.bg_postfix] = bg
         return d

@@ -61,11 +61,10 @@ def _checkpoint_mode(value: bool | str) -> bool | str:
     ``"true"`` / ``"false"`` in any case count as the booleans, as command-line overrides arrive as text)."""
     if isinstance(value, (bool, np.bool_)):
         return "step" if value else False
-    if isinstance(value, str) and value.lower() in ("true", "false", "first_level", "block", "step"):
+    names = [m for m in CHECKPOINT_MODES if m]
+    if isinstance(value, str) and value.lower() in ("true", "false", *names):
         return {"true": "step", "false": False}.get(value.lower(), value.lower())
-    raise ValueError(
-        f"gradient_checkpointing must be False, True, 'first_level', 'block' or 'step', got {value!r}."
-    )
+    raise ValueError(f"gradient_checkpointing must be False, True or one of {names}, got {value!r}.")
 
 
 class MambaClinix(nn.Module):
