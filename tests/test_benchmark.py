@@ -267,13 +267,14 @@ class TestBenchmark(unittest.TestCase):
         self.assertIsNone(fit_exponent([32], [1.0]))
 
     @parameterized.expand([("mambaclinix_demo+ckpt", "step"), ("mambaclinix_demo+ckptblock", "block"),
-                           ("mambaclinix_demo+ckptfirst", "first_level"), ("mambaclinix_demo", False)])
+                           ("mambaclinix_demo+ckptfirst", "first_level"), ("mambaclinix_demo+ckptnone", False),
+                           ("mambaclinix_demo", "light")])
     def test_checkpointing_options(self, name, mode):
         self.assertEqual(build_model(name).gradient_checkpointing, mode)
 
     @parameterized.expand(
         [("swinunetr+bogus",), ("nosuchnet",), ("dynunet+naive",), ("dynunet+ckptblock",), ("mambaclinix+ckpt+ckptblock",),
-         ("mambaclinix+ckptblock+ckptfirst",)]
+         ("mambaclinix+ckptblock+ckptfirst",), ("mambaclinix+ckptnone+ckpt",), ("dynunet+ckptnone",)]
     )
     def test_bad_names(self, name):
         with self.assertRaises(ValueError):

@@ -8,12 +8,13 @@ from __future__ import annotations
 import unittest
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from parameterized import parameterized
 from torch.utils.flop_counter import FlopCounterMode
 
 from scripts.networks import MambaClinix, cpu_backward
-from scripts.networks.blocks import InstanceGroupNorm
+from scripts.networks.blocks import InstanceGroupNorm, ResidualBlock, norm_act_conv
 from scripts.networks.conv import conv_layer
 
 
@@ -32,6 +33,26 @@ def _grad_fn_names(t: torch.Tensor) -> set[str]:
         names.add(type(node).__name__)
         stack.extend(n for n, _ in node.next_functions)
     return names
+
+
+def _gradients_near_reference(test: unittest.TestCase, gen: torch.Generator, ours, reference, native):
+    """Backpropagate one random float64 upstream gradient through ``ours``, the float64 ``reference`` and PyTorch's
+    float32 ``native`` computation (each ``(output, inputs)``, ``None`` inputs skipped); check that every gradient of
+    ours is no further from the reference than PyTorch's own float32 backward, up to float32 rounding of the result.
+
+    Returns:
+        ``(ours, reference)`` gradient pairs.
+    """
+    upstream = torch.randn(reference[0].shape, generator=gen, dtype=torch.float64)
+
+    def grads(out, inputs, grad):
+        return torch.autograd.grad(out, [t for t in inputs if t is not None], grad)
+
+    pairs = list(zip(grads(*ours, upstream.float()), grads(*reference, upstream)))
+    for (g, g_ref), g_native in zip(pairs, grads(*native, upstream.float())):
+        error, native_error = (g.double() - g_ref).abs().max(), (g_native.double() - g_ref).abs().max()
+        test.assertLessEqual(error, 2 * native_error + 1e-5 * g_ref.abs().max())
+    return pairs
 
 
 CONV_CASES = []
@@ -147,14 +168,7 @@ class TestInstanceNorm(unittest.TestCase):
         natives = [t if t is None else t.clone().requires_grad_(True) for t in (x, weight, bias)]
         y_native = F.group_norm(natives[0], channels, natives[1], natives[2], 1e-5)  # PyTorch's float32 path
         torch.testing.assert_close(y, y_native)
-        upstream = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64)
-        grads = torch.autograd.grad(y, [t for t in ins if t is not None], upstream.float())
-        grads_ref = torch.autograd.grad(y_ref, [t for t in refs if t is not None], upstream)
-        grads_native = torch.autograd.grad(y_native, [t for t in natives if t is not None], upstream.float())
-        for g, g_ref, g_native in zip(grads, grads_ref, grads_native):
-            # no further from float64 than PyTorch's own float32 backward, up to float32 rounding of the result
-            error, native_error = (g.double() - g_ref).abs().max(), (g_native.double() - g_ref).abs().max()
-            self.assertLessEqual(error, 2 * native_error + 1e-5 * g_ref.abs().max())
+        for g, g_ref in _gradients_near_reference(self, gen, (y, ins), (y_ref, refs), (y_native, natives)):
             if offset == 0.0:
                 torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-4)
 
@@ -182,6 +196,111 @@ class TestInstanceNorm(unittest.TestCase):
             cpu_backward.instance_norm(torch.randn(2, 3), None, None, 1e-5)
 
 
+NORM_ACT_CONV_CASES = []
+for dims in (2, 3):
+    for slope, affine, out_ch, stride, groups, batch in (
+        (0.01, True, 6, 1, 1, 2),  # the residual blocks' LeakyReLU
+        (0.0, True, 6, 1, 1, 1),  # ReLU
+        (0.2, False, 5, 2, 1, 2),  # strided, a norm without affine parameters
+        (0.01, True, 4, 1, 4, 1),  # depthwise: input gradient by the flipped-kernel convolution
+    ):
+        NORM_ACT_CONV_CASES.append((dims, slope, affine, out_ch, stride, groups, batch))
+
+
+class TestNormActConvolution(unittest.TestCase):
+    @parameterized.expand(NORM_ACT_CONV_CASES)
+    def test_values_and_gradients(self, dims, slope, affine, out_ch, stride, groups, batch):
+        channels = 4
+        gen = torch.Generator().manual_seed(3)
+        x = (torch.randn(batch, channels, *(7,) * dims, generator=gen) * 2 + 0.5).contiguous(
+            memory_format=_memory_format(dims)
+        )
+        norm_w = torch.rand(channels, generator=gen) + 0.5 if affine else None
+        norm_b = torch.randn(channels, generator=gen) if affine else None
+        weight = torch.randn(out_ch, channels // groups, *(3,) * dims, generator=gen) * 0.3
+        bias = torch.randn(out_ch, generator=gen)
+        conf = ([stride] * dims, [1] * dims, [1] * dims, groups)
+
+        def three_steps(t, nw, nb, w, b):  # the norm, the activation and the convolution one after the other
+            return torch.convolution(F.leaky_relu(F.group_norm(t, channels, nw, nb, 1e-5), slope), w, b, conf[0],
+                                     conf[1], conf[2], False, [0] * dims, groups)
+
+        tensors = (x, norm_w, norm_b, weight, bias)
+        ins = [t if t is None else t.clone().requires_grad_(True) for t in tensors]
+        y = cpu_backward.norm_act_convolution(ins[0], ins[1], ins[2], 1e-5, slope, ins[3], ins[4], *conf)
+        self.assertIn("_NormActConvolutionBackward", _grad_fn_names(y))
+        refs = [t if t is None else t.double().requires_grad_(True) for t in tensors]
+        natives = [t if t is None else t.clone().requires_grad_(True) for t in tensors]
+        y_ref, y_native = three_steps(*refs), three_steps(*natives)
+        torch.testing.assert_close(y, y_native, atol=1e-5, rtol=1e-5)
+        for g, g_ref in _gradients_near_reference(self, gen, (y, ins), (y_ref, refs), (y_native, natives)):
+            torch.testing.assert_close(g.double(), g_ref, atol=1e-4 * g_ref.abs().max(), rtol=1e-4)
+
+    @parameterized.expand([(1, 8, 8), (2, 4, 8)])
+    def test_residual_block_keeps_one_map_less(self, stride, in_ch, out_ch):
+        """A residual block in a CPU training step keeps its first convolution's output, not its activation: one
+        ``out_ch`` map less than with PyTorch's backward, and the same outputs and gradients."""
+        torch.manual_seed(0)
+        block = ResidualBlock(3, in_ch, out_ch, 3, stride).train()
+        x = torch.randn(2, in_ch, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+
+        def run():
+            storages = {}
+
+            def pack(t):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = block(x)
+            grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum(),
+                                        [x, *block.parameters()])
+            return y, grads, sum(storages.values()), _grad_fn_names(y)
+
+        y, grads, kept, names = run()
+        with cpu_backward.native_backward():
+            y_native, grads_native, kept_native, names_native = run()
+        self.assertIn("_NormActConvolutionBackward", names)
+        self.assertNotIn("_NormActConvolutionBackward", names_native)
+        one_map = 2 * out_ch * (8 // stride) ** 3 * 4  # batch 2, float32
+        self.assertLessEqual(one_map - (kept_native - kept), 4 * out_ch)  # what it saves besides: the norm's bias
+        torch.testing.assert_close(y, y_native)
+        scale = max(g.abs().max().item() for g in grads_native)
+        for g, g_native in zip(grads, grads_native):
+            torch.testing.assert_close(g, g_native, atol=1e-5 * scale, rtol=1e-4)
+
+    def test_falls_back(self):
+        conv, norm = conv_layer(3)(4, 4, 3, padding=1), InstanceGroupNorm(4, 4)
+        cl = torch.randn(2, 4, 5, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+        self.assertIn("_NormActConvolutionBackward", _grad_fn_names(norm_act_conv(norm, nn.LeakyReLU(), conv, cl)))
+        self.assertIn("_NormActConvolutionBackward", _grad_fn_names(norm_act_conv(norm, nn.ReLU(), conv, cl)))
+        cases = [
+            (norm, nn.LeakyReLU(), conv, cl.contiguous()),  # channels-first
+            (norm, nn.GELU(), conv, cl),  # not a (leaky) ReLU
+            (norm, nn.LeakyReLU(-0.1), conv, cl),  # a negative slope cannot be recomputed from the output
+            (InstanceGroupNorm(2, 4), nn.LeakyReLU(), conv, cl),  # two groups
+            (norm, nn.LeakyReLU(), nn.Conv3d(4, 4, 3, padding=1), cl),  # not one of the bundle's layers
+            (norm, nn.LeakyReLU(), conv_layer(3)(4, 4, 3, padding="same"), cl),
+        ]
+        for case in cases:
+            y = norm_act_conv(*case)
+            self.assertNotIn("_NormActConvolutionBackward", _grad_fn_names(y))
+            torch.testing.assert_close(y, case[2](case[1](case[0](case[3]))))
+        with cpu_backward.native_backward():
+            self.assertNotIn("_NormActConvolutionBackward", _grad_fn_names(norm_act_conv(norm, nn.ReLU(), conv, cl)))
+        with torch.no_grad():
+            self.assertIsNone(norm_act_conv(norm, nn.ReLU(), conv, cl).grad_fn)
+
+    def test_ill_argument(self):
+        w = torch.randn(4, 4, 3, 3, 3)
+        with self.assertRaisesRegex(ValueError, "spatial"):
+            cpu_backward.norm_act_convolution(torch.randn(2, 3), None, None, 1e-5, 0.01, w, None, [1], [1], [1], 1)
+        with self.assertRaisesRegex(ValueError, "slope"):
+            cpu_backward.norm_act_convolution(
+                torch.randn(1, 4, 5, 5, 5), None, None, 1e-5, -0.1, w, None, [1] * 3, [1] * 3, [1] * 3, 1
+            )
+
+
 class TestTrainingStep(unittest.TestCase):
     def test_mambaclinix_gradients_match_pytorch_backward(self):
         torch.manual_seed(0)
@@ -205,6 +324,7 @@ class TestTrainingStep(unittest.TestCase):
         names = _grad_fn_names(loss)
         self.assertIn("_ConvolutionBackward", names)
         self.assertIn("_InstanceNormBackward", names)
+        self.assertIn("_NormActConvolutionBackward", names)
         with cpu_backward.native_backward():
             outputs_ref, loss_ref, native = grads()
         self.assertNotIn("_ConvolutionBackward", _grad_fn_names(loss_ref))

@@ -75,12 +75,13 @@ class TestMambaClinixShapes(unittest.TestCase):
         self.assertIsNotNone(x.grad)
 
     @parameterized.expand([(False, 0.0, True), (True, 0.3, True), (False, 0.0, "block"), (True, 0.3, "block"),
-                           (False, 0.0, "first_level"), (True, 0.3, "first_level")])
+                           (False, 0.0, "first_level"), (True, 0.3, "first_level"), (False, 0.0, "light"),
+                           (True, 0.3, "light")])
     def test_checkpointing_matches(self, deep_supervision, drop_path_rate, mode):
         kwargs = {"features": (8, 16, 16), "strides": (1, 2, 2), "drop_path_rate": drop_path_rate,
                   "deep_supervision": deep_supervision}
         torch.manual_seed(1)
-        a = MambaClinix(3, 1, 2, **kwargs)
+        a = MambaClinix(3, 1, 2, gradient_checkpointing=False, **kwargs)
         b = MambaClinix(3, 1, 2, gradient_checkpointing=mode, **kwargs)
         b.load_state_dict(a.state_dict())
         x = torch.randn(1, 1, 8, 8, 8, requires_grad=True)
@@ -100,13 +101,14 @@ class TestMambaClinixShapes(unittest.TestCase):
                 torch.testing.assert_close(u, v)
 
     def test_checkpointing_keeps_less(self):
-        """The bytes that autograd keeps for backward (saved-tensor hooks): none > "first_level" > "block"; with
-        "first_level" the first level's blocks (stem, first stage, the decoder's last level) keep only their inputs."""
+        """The bytes that autograd keeps for backward (saved-tensor hooks): none > "light" > "first_level" > "block";
+        with "light" the stem and the hgConv branches keep only their inputs, with "first_level" the first level's
+        blocks (stem, first stage, the decoder's last level) too."""
         kwargs = {"features": (8, 16, 16), "strides": (1, 2, 2), "deep_supervision": True}
         torch.manual_seed(1)
         x = torch.randn(1, 1, 16, 16, 16)
         kept = {}
-        for mode in (False, "first_level", "block"):
+        for mode in (False, "light", "first_level", "block"):
             net = MambaClinix(3, 1, 2, gradient_checkpointing=mode, **kwargs).train()
             total = [0]
 
@@ -117,7 +119,8 @@ class TestMambaClinixShapes(unittest.TestCase):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 net(x)
             kept[mode] = total[0]
-        self.assertLess(kept["first_level"], 0.7 * kept[False])
+        self.assertLess(kept["light"], 0.9 * kept[False])
+        self.assertLess(kept["first_level"], 0.8 * kept["light"])
         self.assertGreater(kept["first_level"], kept["block"])
 
     def test_checkpointing_switch_reaches_blocks(self):
@@ -125,13 +128,21 @@ class TestMambaClinixShapes(unittest.TestCase):
 
         net = MambaClinix(3, 1, 2, **TINY)
         blocks = [m for m in net.modules() if isinstance(m, (ResidualBlock, HGCNBlock))]
+        hgcn = [[b for b in stage if isinstance(b, HGCNBlock)] for stage in net.encoder]
+        self.assertEqual(net.gradient_checkpointing, "light")  # the default: the hgConv branches, not whole blocks
         self.assertTrue(blocks and not any(b.gradient_checkpointing for b in blocks))
+        self.assertTrue(len(hgcn[0]) == 1 and all(b.gated_checkpointing for stage in hgcn for b in stage))
         net.gradient_checkpointing = "block"  # the network checkpoints whole blocks, the blocks not their steps
         self.assertEqual(net.gradient_checkpointing, "block")
+        self.assertFalse(any(b.gradient_checkpointing or getattr(b, "gated_checkpointing", False) for b in blocks))
+        net.gradient_checkpointing = "first_level"  # whole blocks on the first level, hgConv branches deeper
         self.assertFalse(any(b.gradient_checkpointing for b in blocks))
-        net.gradient_checkpointing = "first_level"
-        self.assertFalse(any(b.gradient_checkpointing for b in blocks))
-        for text, mode in (("false", False), ("True", "step"), ("Block", "block"), ("FIRST_LEVEL", "first_level")):
+        self.assertEqual([b.gated_checkpointing for stage in hgcn for b in stage],
+                         [level > 0 for level, stage in enumerate(hgcn) for _ in stage])
+        net.gradient_checkpointing = False
+        self.assertFalse(any(b.gradient_checkpointing or getattr(b, "gated_checkpointing", False) for b in blocks))
+        for text, mode in (("false", False), ("True", "step"), ("Block", "block"), ("FIRST_LEVEL", "first_level"),
+                           ("Light", "light")):
             net.gradient_checkpointing = text
             self.assertEqual(net.gradient_checkpointing, mode)
         net.gradient_checkpointing = True

@@ -6,7 +6,8 @@ A model name is a base name (a key of :data:`MODELS`) with optional ``+`` option
 instead of :mod:`scripts.networks.cpu_backward`'s), ``+compile``
 (``torch.compile(dynamic=False)``), ``+freeze`` (the same with Inductor's ``freezing``: inference only); for the
 MambaClinix models also ``+cf`` (``channels_last=False``: channels-first memory, PyTorch's default; MambaClinix itself
-runs channels-last on CPU), ``+ckpt`` (``gradient_checkpointing=True``, by sub-step), ``+ckptblock``
+runs channels-last on CPU), ``+ckptnone`` (``gradient_checkpointing=False``; without a ``+ckpt...`` option the
+network's default ``"light"``), ``+ckpt`` (``gradient_checkpointing=True``, by sub-step), ``+ckptblock``
 (``gradient_checkpointing="block"``), ``+ckptfirst`` (``gradient_checkpointing="first_level"``) and ``+naive`` /
 ``+chunked`` / ``+cuda`` (scan backend), e.g. ``mambaclinix+cf+bf16``. ``authors`` is the authors' own network, built only where their code is installed
 (:mod:`scripts.benchmark.peers`). :func:`build_model` applies the options that change the network; the memory-format,
@@ -61,7 +62,7 @@ MODELS = {
 """Base model names and what they build (in 1 channel, out 2 classes)."""
 
 OPTIONS = (
-    "cl", "cf", "ckpt", "ckptblock", "ckptfirst", "bf16", "nativebwd", "compile", "freeze", "naive", "chunked", "cuda"
+    "cl", "cf", "ckptnone", "ckpt", "ckptblock", "ckptfirst", "bf16", "nativebwd", "compile", "freeze", "naive", "chunked", "cuda"
 )
 """The ``+`` options a model name may carry (see the module docstring)."""
 DEFAULT_MODELS = ("mambaclinix", "mambaclinix_demo", "umamba_bot", "dynunet", "swinunetr", "segresnet")
@@ -69,7 +70,7 @@ DEFAULT_MODELS = ("mambaclinix", "mambaclinix_demo", "umamba_bot", "dynunet", "s
 SCALING_MODELS = ("mambaclinix", "swinunetr", "dynunet")
 """The models of the latency-against-patch-edge study unless told otherwise."""
 
-_MAMBACLINIX_ONLY = ("naive", "chunked", "cuda", "ckpt", "ckptblock", "ckptfirst", "cf")
+_MAMBACLINIX_ONLY = ("naive", "chunked", "cuda", "ckptnone", "ckpt", "ckptblock", "ckptfirst", "cf")
 
 
 def parse_model_name(name: str) -> tuple[str, set[str]]:
@@ -121,7 +122,7 @@ def build_model(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Mo
 
     Raises:
         ValueError: an unknown name or option, a MambaClinix-only option on another model, or two options that
-            exclude each other (``+cf`` with ``+cl``; ``+ckpt``, ``+ckptblock`` and ``+ckptfirst``).
+            exclude each other (``+cf`` with ``+cl``; ``+ckptnone``, ``+ckpt``, ``+ckptblock`` and ``+ckptfirst``).
         ImportError: ``authors`` where the authors' code is not installed (:mod:`scripts.benchmark.peers`).
     """
     from monai.networks.nets import DynUNet, SegResNet, SwinUNETR
@@ -136,12 +137,13 @@ def build_model(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Mo
             raise ValueError(f"the option +{opt} applies to MambaClinix models only, not {base!r}.")
     if "cf" in opts and "cl" in opts:
         raise ValueError(f"+cf (channels-first) and +cl (channels-last) exclude each other in {name!r}.")
-    modes = {"ckpt": "step", "ckptblock": "block", "ckptfirst": "first_level"}
+    modes = {"ckptnone": False, "ckpt": "step", "ckptblock": "block", "ckptfirst": "first_level"}
     chosen = [o for o in modes if o in opts]
     if len(chosen) > 1:
         raise ValueError(f"+{' and +'.join(chosen)} (checkpointing granularities) exclude each other in {name!r}.")
-    checkpointing = modes[chosen[0]] if chosen else False
-    kwargs: dict[str, Any] = {"scan_backend": backend, "gradient_checkpointing": checkpointing}
+    kwargs: dict[str, Any] = {"scan_backend": backend}
+    if chosen:  # otherwise the network's default
+        kwargs["gradient_checkpointing"] = modes[chosen[0]]
     if "cf" in opts:
         kwargs["channels_last"] = False
     if base == "mambaclinix":

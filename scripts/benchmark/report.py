@@ -230,6 +230,7 @@ def _targets(result: dict[str, Any]) -> list[str]:
             naive = get("mambaclinix+naive", size, "memory", key)
             for variant, label in (
                 ("mambaclinix", "chunked scan"),
+                ("mambaclinix+ckptnone", "chunked scan + gradient_checkpointing=False"),
                 ("mambaclinix+ckpt", "chunked scan + gradient_checkpointing"),
                 ("mambaclinix+ckptblock", "chunked scan + gradient_checkpointing='block'"),
                 ("mambaclinix+ckptfirst", "chunked scan + gradient_checkpointing='first_level'"),

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
 from . import cpu_backward
-from .conv import conv_layer
+from .conv import OneDNNConv2d, OneDNNConv3d, conv_layer
 from .mamba import Mamba
 from .pooling import StrideAvgPool
 
@@ -30,6 +30,7 @@ __all__ = [
     "HGCNBlock",
     "ResidualMambaLayer",
     "UpsampleBlock",
+    "norm_act_conv",
     "same_padding",
     "step_runner",
 ]
@@ -127,6 +128,38 @@ class ConvNormAct(nn.Sequential):
             self.add_module("act", get_act_layer(name=act))
 
 
+def _activation_slope(act: nn.Module) -> float | None:
+    """The negative slope of a LeakyReLU / ReLU module (0 for ReLU), ``None`` for any other module."""
+    if isinstance(act, nn.LeakyReLU):
+        return float(act.negative_slope)
+    return 0.0 if isinstance(act, nn.ReLU) else None
+
+
+def norm_act_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(act(norm(x)))``. In a CPU training step with an instance norm (:class:`InstanceGroupNorm`), a
+    (leaky) ReLU with a non-negative slope and one of the bundle's convolution layers on a channels-last ``x`` it
+    runs :func:`scripts.networks.cpu_backward.norm_act_convolution`: the same values and gradients, with the
+    activation recomputed in backward instead of kept."""
+    slope = _activation_slope(act)
+    fusable = (
+        slope is not None
+        and slope >= 0
+        and isinstance(norm, InstanceGroupNorm)
+        and norm.num_groups == x.shape[1]
+        and isinstance(conv, (OneDNNConv2d, OneDNNConv3d))
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and cpu_backward.is_channels_last(x)
+        and cpu_backward.applies(x, norm.weight, norm.bias, conv.weight, conv.bias)
+    )
+    if not fusable:
+        return conv(act(norm(x)))
+    return cpu_backward.norm_act_convolution(
+        x, norm.weight, norm.bias, norm.eps, slope, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+        conv.groups,
+    )
+
+
 def _call(fn, *args):
     return fn(*args)
 
@@ -197,7 +230,13 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = step_runner(self)  # with checkpointing, each convolution separately: norm/activation are recomputed
-        return self.act(run(self.conv2, run(self.conv1, x)) + (run(self.skip, x) if len(self.skip) else x))
+        first, second = self.conv1, self.conv2
+        if run is _call and all(hasattr(m, n) for m, n in ((first, "norm"), (first, "act"), (second, "norm"))):
+            # conv1's norm and activation are recomputed in conv2's backward where that applies (norm_act_conv)
+            out = second.norm(norm_act_conv(first.norm, first.act, second.conv, first.conv(x)))
+        else:
+            out = run(second, run(first, x))
+        return self.act(out + (run(self.skip, x) if len(self.skip) else x))
 
 
 class ChannelLayerNorm(nn.Module):
@@ -303,6 +342,10 @@ class HGCNBlock(nn.Module):
         drop_path: stochastic-depth rate.
         layer_scale_init: initial value of the layer scale ``gamma``.
         act: MONAI activation after the first output convolution.
+
+    In training with gradients, ``gradient_checkpointing`` (attribute, default ``False``) checkpoints the block's
+    sub-steps one by one and ``gated_checkpointing`` (default ``False``; :class:`MambaClinix` sets it) only the
+    cheap one, ``h + DropPath(gamma * hgConv(LN1(h)))``: 1x1 and depthwise convolutions, no dense one.
     """
 
     def __init__(
@@ -329,21 +372,22 @@ class HGCNBlock(nn.Module):
         self.out_conv2 = ConvNormAct(spatial_dims, channels, channels, kernel_size, 1, None, None)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.gradient_checkpointing = False
+        self.gated_checkpointing = False
 
     def _gated(self, h: torch.Tensor) -> torch.Tensor:
-        return self.hgconv(self.norm(h))
+        """``h + DropPath(gamma * hgConv(LN1(h)))``; one sub-step, so that a checkpoint of it keeps only ``h``."""
+        gamma = self.gamma.view((1, -1) + (1,) * (h.ndim - 2))
+        if isinstance(self.drop_path, nn.Identity):  # one fused pass for h + gamma * hgconv(...)
+            return torch.addcmul(h, gamma, self.hgconv(self.norm(h)))
+        return h + self.drop_path(gamma * self.hgconv(self.norm(h)))
 
     def _out(self, h: torch.Tensor) -> torch.Tensor:
         return self.out_conv1(self.norm2(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = step_runner(self)
-        h = run(self.stem, x)
-        gamma = self.gamma.view((1, -1) + (1,) * (h.ndim - 2))
-        if isinstance(self.drop_path, nn.Identity):  # one fused pass for h + gamma * hgconv(...)
-            h = torch.addcmul(h, gamma, run(self._gated, h))
-        else:
-            h = h + self.drop_path(gamma * run(self._gated, h))
+        gated = step_runner(self, enabled=self.gradient_checkpointing or self.gated_checkpointing)
+        h = gated(self._gated, run(self.stem, x))
         return x + self.drop_path(run(self.out_conv2, run(self._out, h)))
 
 

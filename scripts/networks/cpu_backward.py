@@ -11,9 +11,14 @@ Three parts of PyTorch's CPU backward cost more than their arithmetic (profiles 
   magnitude slower than that.
 - PyTorch's group-norm backward kernel on channels-last tensors is several times slower than on channels-first ones.
 
+A fourth part is memory rather than time: a convolution after an instance norm and a (leaky) ReLU keeps the
+activation for its weight gradient, the norm keeps its input, so the step holds two feature maps for one; the
+activation is two memory-bound passes from the norm's input.
+
 :func:`convolution` and :func:`instance_norm` compute the same values and gradients (within float32 rounding; the
 tests compare them with float64 references) through :class:`torch.autograd.Function` s whose backward avoids those
-paths. They apply to float32 CPU tensors in eager mode when gradients are recorded; everything else (CUDA, autocast,
+paths; :func:`norm_act_convolution` keeps only the norm's input and recomputes the norm and the activation in
+backward. They apply to float32 CPU tensors in eager mode when gradients are recorded; everything else (CUDA, autocast,
 float64, ``torch.compile``, tracing, dispatch modes such as ``FlopCounterMode``, inference) takes PyTorch's own path.
 :func:`native_backward` switches them off, e.g. to compare the two.
 """
@@ -30,7 +35,15 @@ from torch.autograd.function import once_differentiable
 
 from .dispatch import convolve, plain_eager
 
-__all__ = ["applies", "convolution", "group_norm_forward", "instance_norm", "is_channels_last", "native_backward"]
+__all__ = [
+    "applies",
+    "convolution",
+    "group_norm_forward",
+    "instance_norm",
+    "is_channels_last",
+    "native_backward",
+    "norm_act_convolution",
+]
 
 _state = threading.local()
 
@@ -79,24 +92,30 @@ class _Convolution(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, has_bias = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        spatial = tuple(range(2, x.ndim))
-        if need_x and _depthwise_same_stride(x, weight, stride, padding, dilation, groups):
-            full = [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
-            grad_x = convolve(grad, weight.flip(spatial), None, [1] * len(spatial), full, [1] * len(spatial), groups)
-            need_x = False
-        if need_x or need_w:
-            zeros = [0] * len(spatial)
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, stride, padding, dilation, False, zeros, groups, [need_x, need_w, False]
-            )
-            grad_x = gx if need_x else grad_x
-            grad_w = gw if need_w else None
-        if has_bias and need_b:
-            grad_b = grad.sum((0, *spatial))
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return (*_convolution_grads(grad, x, weight, ctx.conf, ctx.needs_input_grad[:3]), None, None, None, None)
+
+
+def _convolution_grads(grad, x, weight, conf, needs):
+    """The input, weight and bias gradients (``None`` where ``needs`` says no) of ``convolve(x, weight, bias,
+    *conf[:4])`` for the output gradient ``grad``; ``conf`` is ``(stride, padding, dilation, groups, has_bias)``."""
+    stride, padding, dilation, groups, has_bias = conf
+    need_x, need_w, need_b = needs
+    grad_x = grad_w = grad_b = None
+    spatial = tuple(range(2, x.ndim))
+    if need_x and _depthwise_same_stride(x, weight, stride, padding, dilation, groups):
+        full = [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
+        grad_x = convolve(grad, weight.flip(spatial), None, [1] * len(spatial), full, [1] * len(spatial), groups)
+        need_x = False
+    if need_x or need_w:
+        zeros = [0] * len(spatial)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, stride, padding, dilation, False, zeros, groups, [need_x, need_w, False]
+        )
+        grad_x = gx if need_x else grad_x
+        grad_w = gw if need_w else None
+    if has_bias and need_b:
+        grad_b = grad.sum((0, *spatial))
+    return grad_x, grad_w, grad_b
 
 
 def convolution(
@@ -137,28 +156,35 @@ class _InstanceNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        batch, channels = x.shape[:2]
-        rows, grad_rows = _channels_last_rows(x), _channels_last_rows(grad)
-        n = rows.shape[1]
-        mean, rstd = mean.view(batch, 1, channels), rstd.view(batch, 1, channels)
-        sum_dy = grad_rows.sum(1, keepdim=True)
-        # sum over the voxels of dy * x per (sample, channel): the diagonal of a (C, N) x (N, C) product
-        sum_dy_x = torch.bmm(grad_rows.transpose(1, 2), rows).diagonal(dim1=1, dim2=2).unsqueeze(1)
-        sum_dy_xhat = rstd * (sum_dy_x - mean * sum_dy)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            scale = rstd if weight is None else rstd * weight.view(1, 1, channels)
-            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) = scale * dy + coef_x * x + const
-            coef_x = -scale * rstd * sum_dy_xhat / n
-            const = -scale * sum_dy / n - coef_x * mean
-            grad_rows_x = torch.addcmul(const, rows, coef_x).addcmul_(grad_rows, scale)  # one full-size buffer
-            grad_x = grad_rows_x.view(batch, *x.shape[2:], channels).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
-        if weight is not None and need_w:
-            grad_w = sum_dy_xhat.sum((0, 1))
-        if need_b:
-            grad_b = sum_dy.sum((0, 1))
-        return grad_x, grad_w, grad_b, None
+        return (*_instance_norm_grads(grad, x, weight, mean, rstd, ctx.needs_input_grad[:3]), None)
+
+
+def _instance_norm_grads(grad, x, weight, mean, rstd, needs):
+    """The input, weight and bias gradients (``None`` where ``needs`` says no) of the instance norm of ``x``
+    (channels-last; ``mean`` / ``rstd`` as ``torch.native_group_norm`` returns them) for the output gradient
+    ``grad``."""
+    need_x, need_w, need_b = needs
+    batch, channels = x.shape[:2]
+    rows, grad_rows = _channels_last_rows(x), _channels_last_rows(grad)
+    n = rows.shape[1]
+    mean, rstd = mean.view(batch, 1, channels), rstd.view(batch, 1, channels)
+    sum_dy = grad_rows.sum(1, keepdim=True)
+    # sum over the voxels of dy * x per (sample, channel): the diagonal of a (C, N) x (N, C) product
+    sum_dy_x = torch.bmm(grad_rows.transpose(1, 2), rows).diagonal(dim1=1, dim2=2).unsqueeze(1)
+    sum_dy_xhat = rstd * (sum_dy_x - mean * sum_dy)
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        scale = rstd if weight is None else rstd * weight.view(1, 1, channels)
+        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) = scale * dy + coef_x * x + const
+        coef_x = -scale * rstd * sum_dy_xhat / n
+        const = -scale * sum_dy / n - coef_x * mean
+        grad_rows_x = torch.addcmul(const, rows, coef_x).addcmul_(grad_rows, scale)  # one full-size buffer
+        grad_x = grad_rows_x.view(batch, *x.shape[2:], channels).permute(0, x.ndim - 1, *range(1, x.ndim - 1))
+    if weight is not None and need_w:
+        grad_w = sum_dy_xhat.sum((0, 1))
+    if need_b:
+        grad_b = sum_dy.sum((0, 1))
+    return grad_x, grad_w, grad_b
 
 
 def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -174,6 +200,75 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     if x.ndim < 3:
         raise ValueError(f"instance_norm needs a (B, C, *spatial) tensor, got shape {tuple(x.shape)}.")
     return _InstanceNorm.apply(x, weight, bias, eps)
+
+
+class _NormActConvolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, slope, weight, bias, stride, padding, dilation, groups):
+        z, mean, rstd = _norm_act(x, norm_weight, norm_bias, eps, slope)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, weight)  # not z: recomputed in backward
+        ctx.eps, ctx.slope = eps, slope
+        ctx.conf = (tuple(stride), tuple(padding), tuple(dilation), groups, bias is not None)
+        return convolve(z, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
+        need_x, need_nw, need_nb, _, _, need_w, need_b = ctx.needs_input_grad[:7]
+        # the same kernels on the same input: z is bitwise the forward's
+        z = _norm_act(x, norm_weight, norm_bias, ctx.eps, ctx.slope)[0]
+        need_z = need_x or need_nw or need_nb
+        grad_z, grad_w, grad_b = _convolution_grads(grad, z, weight, ctx.conf, (need_z, need_w, need_b))
+        grad_x = grad_nw = grad_nb = None
+        if need_z:
+            grad_y = torch.ops.aten.leaky_relu_backward(grad_z, z, ctx.slope, True)
+            del grad_z, z
+            needs = (need_x, need_nw, need_nb)
+            grad_x, grad_nw, grad_nb = _instance_norm_grads(grad_y, x, norm_weight, mean, rstd, needs)
+        return grad_x, grad_nw, grad_nb, None, None, grad_w, grad_b, None, None, None, None
+
+
+def _norm_act(x, norm_weight, norm_bias, eps, slope):
+    """``leaky_relu(instance_norm(x), slope)`` with the norm's ``mean`` and ``rstd``."""
+    batch, channels = x.shape[:2]
+    y, mean, rstd = torch.native_group_norm(x, norm_weight, norm_bias, batch, channels, x[0, 0].numel(), channels, eps)
+    return torch.ops.aten.leaky_relu_(y, slope), mean, rstd
+
+
+def norm_act_convolution(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    slope: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """``convolution(leaky_relu(instance_norm(x), slope), weight, bias, ...)`` that keeps ``x`` for backward instead
+    of the activation: the norm and the activation (memory-bound passes) are recomputed from ``x`` in backward, so a
+    training step holds one feature map less for each such sequence. Values and gradients are those of the three
+    steps one after the other (:func:`instance_norm`, ``F.leaky_relu``, :func:`convolution`).
+
+    Call it where :func:`applies` holds for all the tensors and ``x`` is channels-last; ``slope`` >= 0 (0 is ReLU).
+
+    Raises:
+        ValueError: ``x`` has no spatial axis, or ``slope`` is negative.
+    """
+    if x.ndim < 3:
+        raise ValueError(f"norm_act_convolution needs a (B, C, *spatial) tensor, got shape {tuple(x.shape)}.")
+    if slope < 0:
+        raise ValueError(
+            f"the activation's negative slope must be >= 0 (its backward reads the input's sign from the output), "
+            f"got {slope}."
+        )
+    return _NormActConvolution.apply(
+        x, norm_weight, norm_bias, eps, slope, weight, bias, stride, padding, dilation, groups
+    )
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -53,7 +53,7 @@ def _per_stage(value, num_stages: int, spatial_dims: int, name: str) -> list[tup
     return out
 
 
-CHECKPOINT_MODES = (False, "first_level", "block", "step")
+CHECKPOINT_MODES = (False, "light", "first_level", "block", "step")
 
 
 def _checkpoint_mode(value: bool | str) -> bool | str:
@@ -102,14 +102,18 @@ class MambaClinix(nn.Module):
         expand: Mamba expansion factor.
         scan_backend: selective-scan backend (``None``: automatic; see ``scripts.networks.selective_scan``).
         gradient_checkpointing: recompute activations in backward instead of keeping them (training only): less
-            memory for more step time. ``"block"`` keeps the outputs of the blocks (stem, residual, HGCN and Mamba
-            blocks, up-sampling, skip and fuse blocks) and recomputes each block once in backward;
+            memory for more step time. ``"light"`` (default) recomputes only steps without a dense convolution:
+            the stem (a convolution from the few input channels) and the hgConv branch of every HGCN block
+            (LayerNorm, 1x1 and depthwise convolutions, gating), about 300 MiB less for a default-plan 64^3
+            batch-2 step for about 1% more time. ``"block"`` keeps the outputs of the blocks (stem, residual, HGCN
+            and Mamba blocks, up-sampling, skip and fuse blocks) and recomputes each block once in backward;
             ``"first_level"`` does the same for the blocks of the first (highest-resolution) level only: the stem,
             the first encoder stage and the decoder's last up-sampling, skip and fuse blocks, where the
-            activations are largest; ``"step"`` (or
-            ``True``) also checkpoints the convolution sub-steps inside the residual and HGCN blocks, so that the
-            recomputation of a block holds one sub-step at a time: the least memory, for one more forward pass of
-            those sub-steps. ``False`` keeps everything (figures in docs/benchmarks).
+            activations are largest (deeper HGCN blocks as with ``"light"``); ``"step"`` (or ``True``) also
+            checkpoints the convolution sub-steps inside the residual and HGCN blocks, so that the recomputation
+            of a block holds one sub-step at a time: the least memory, for one more forward pass of those
+            sub-steps. ``False`` keeps everything. Outputs and gradients are the same in every mode (figures in
+            docs/benchmarks).
         channels_last: run the convolutions on channels-last memory (``channels_last_3d`` in 3D). ``None``
             (default) turns it on for 3D inputs on CPU, where oneDNN's kernels are faster in that layout
             (docs/benchmarks); the output is returned channels-first (contiguous) either way and the results are the same
@@ -140,7 +144,7 @@ class MambaClinix(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         scan_backend: str | None = None,
-        gradient_checkpointing: bool | str = False,
+        gradient_checkpointing: bool | str = "light",
         channels_last: bool | None = None,
         he_init: bool = True,
     ) -> None:
@@ -222,8 +226,7 @@ class MambaClinix(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool | str:
-        """The checkpointing granularity: ``False``, ``"first_level"``, ``"block"`` or ``"step"`` (``True`` is stored
-        as ``"step"``);
+        """The checkpointing granularity: one of :data:`CHECKPOINT_MODES` (``True`` is stored as ``"step"``);
         setting it switches the blocks' sub-step checkpointing as well."""
         return self._gradient_checkpointing
 
@@ -234,6 +237,12 @@ class MambaClinix(nn.Module):
         for module in self.modules():
             if isinstance(module, (ResidualBlock, HGCNBlock)):
                 module.gradient_checkpointing = mode == "step"
+        for level, stage in enumerate(self.encoder):
+            # the hgConv branch alone where the whole HGCN block is not checkpointed already
+            whole = mode in ("block", "step") or (mode == "first_level" and level == 0)
+            for block in stage:
+                if isinstance(block, HGCNBlock):
+                    block.gated_checkpointing = bool(mode) and not whole
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
@@ -281,11 +290,11 @@ class MambaClinix(nn.Module):
             # stride: give it the channels-last strides (a free view) so that the stem writes channels-last output
             spatial = int(np.prod(x.shape[2:]))
             x = x.as_strided(x.shape, (spatial, 1, *x.stride()[2:]))
-        # with gradient_checkpointing: one checkpoint per block (with "first_level" on the first level's only)
+        # with gradient_checkpointing: the stem, then one checkpoint per block ("first_level": the first level's only)
         mode = self._gradient_checkpointing
-        first = step_runner(self, enabled=bool(mode))
-        deeper = step_runner(self, enabled=bool(mode) and mode != "first_level")
-        h = first(self.stem, x).contiguous(memory_format=memory_format)
+        first = step_runner(self, enabled=mode in ("first_level", "block", "step"))
+        deeper = step_runner(self, enabled=mode in ("block", "step"))
+        h = step_runner(self, enabled=bool(mode))(self.stem, x).contiguous(memory_format=memory_format)
         skips = []
         for level, stage in enumerate(self.encoder):
             run = first if level == 0 else deeper
