@@ -105,7 +105,7 @@ class MambaClinix(nn.Module):
             memory for more step time. ``"light"`` (default) recomputes only steps without a dense convolution:
             the stem (a convolution from the few input channels) and the hgConv branch of every HGCN block
             (LayerNorm, 1x1 and depthwise convolutions, gating), about 300 MiB less for a default-plan 64^3
-            batch-2 step for about 1% more time. ``"block"`` keeps the outputs of the blocks (stem, residual, HGCN
+            batch-2 step for about 3% more time. ``"block"`` keeps the outputs of the blocks (stem, residual, HGCN
             and Mamba blocks, up-sampling, skip and fuse blocks) and recomputes each block once in backward;
             ``"first_level"`` does the same for the blocks of the first (highest-resolution) level only: the stem,
             the first encoder stage and the decoder's last up-sampling, skip and fuse blocks, where the
