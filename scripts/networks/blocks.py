@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from monai.networks.layers.utils import get_act_layer, get_norm_layer
 
 from . import cpu_backward
-from .conv import OneDNNConv2d, OneDNNConv3d, conv_layer
+from .conv import OneDNNConv2d, OneDNNConv3d, conv_layer, explicit_zero_padding
 from .mamba import Mamba
 from .pooling import StrideAvgPool
 
@@ -147,8 +147,7 @@ def norm_act_conv(norm: nn.Module, act: nn.Module, conv: nn.Module, x: torch.Ten
         and isinstance(norm, InstanceGroupNorm)
         and norm.num_groups == x.shape[1]
         and isinstance(conv, (OneDNNConv2d, OneDNNConv3d))
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
+        and explicit_zero_padding(conv)
         and cpu_backward.is_channels_last(x)
         and cpu_backward.applies(x, norm.weight, norm.bias, conv.weight, conv.bias)
     )

@@ -25,18 +25,19 @@ import torch.nn as nn
 
 from . import cpu_backward, dispatch
 
-__all__ = ["OneDNNConv2d", "OneDNNConv3d", "conv_layer"]
+__all__ = ["OneDNNConv2d", "OneDNNConv3d", "conv_layer", "explicit_zero_padding"]
+
+
+def explicit_zero_padding(conv: nn.Module) -> bool:
+    """Whether ``conv`` pads with zeros by an explicit amount per axis (not ``"same"`` / ``"valid"``), the padding
+    that the bundle's direct convolution calls take."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def _use_onednn(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> bool:
     """Whether ``conv(x)`` should call oneDNN directly instead of PyTorch's backend heuristic
     (:mod:`scripts.networks.dispatch`)."""
-    return (
-        dispatch.plain_eager(x)
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-        and dispatch.onednn_batch1(x, conv.weight)
-    )
+    return dispatch.plain_eager(x) and explicit_zero_padding(conv) and dispatch.onednn_batch1(x, conv.weight)
 
 
 def _bf16_depth2_weight_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -58,7 +59,7 @@ class _OneDNNForward:
                     input.float(), weight.float(), None if bias is None else bias.float()
                 )
             return out.to(torch.bfloat16)
-        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and cpu_backward.applies(input, weight, bias):
+        if explicit_zero_padding(self) and cpu_backward.applies(input, weight, bias):  # type: ignore[arg-type]
             # a training step on CPU: the same convolution with a cheaper backward (scripts.networks.cpu_backward)
             return cpu_backward.convolution(
                 input, weight, bias, self.stride, self.padding, self.dilation, self.groups  # type: ignore[attr-defined]

@@ -239,10 +239,14 @@ class MambaClinix(nn.Module):
                 module.gradient_checkpointing = mode == "step"
         for level, stage in enumerate(self.encoder):
             # the hgConv branch alone where the whole HGCN block is not checkpointed already
-            whole = mode in ("block", "step") or (mode == "first_level" and level == 0)
             for block in stage:
                 if isinstance(block, HGCNBlock):
-                    block.gated_checkpointing = bool(mode) and not whole
+                    block.gated_checkpointing = bool(mode) and not self._whole_blocks(level)
+
+    def _whole_blocks(self, level: int) -> bool:
+        """Whether the blocks of ``level`` (0: the highest resolution, encoder and decoder) are checkpointed whole."""
+        mode = self._gradient_checkpointing
+        return mode in ("block", "step") or (mode == "first_level" and level == 0)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.spatial_dims + 2:
@@ -291,10 +295,10 @@ class MambaClinix(nn.Module):
             spatial = int(np.prod(x.shape[2:]))
             x = x.as_strided(x.shape, (spatial, 1, *x.stride()[2:]))
         # with gradient_checkpointing: the stem, then one checkpoint per block ("first_level": the first level's only)
-        mode = self._gradient_checkpointing
-        first = step_runner(self, enabled=mode in ("first_level", "block", "step"))
-        deeper = step_runner(self, enabled=mode in ("block", "step"))
-        h = step_runner(self, enabled=bool(mode))(self.stem, x).contiguous(memory_format=memory_format)
+        first = step_runner(self, enabled=self._whole_blocks(0))
+        deeper = step_runner(self, enabled=self._whole_blocks(1))
+        stem = step_runner(self, enabled=bool(self._gradient_checkpointing))
+        h = stem(self.stem, x).contiguous(memory_format=memory_format)
         skips = []
         for level, stage in enumerate(self.encoder):
             run = first if level == 0 else deeper
