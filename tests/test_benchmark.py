@@ -412,7 +412,7 @@ class FakePeaksWorker:
         return False
 
     def ready(self):
-        return {"params": 0, "reuse": True, "pid": 0}
+        return {"params": 0, "reuse": True, "pid": 0, "openmp_wait_policy": "default"}
 
     def request(self, op, **kwargs):
         return {"matmul_gflops": 100.0, "matmul_n": 256, "conv3d_gflops": 50.0, "conv3d_cases": [],
@@ -583,6 +583,24 @@ class TestContention(unittest.TestCase):
         self.assertAlmostEqual(rows["a"]["ratio"], 2.0)
         self.assertAlmostEqual(rows["b"]["ratio"], 1.125)
 
+    def test_render_names_machine_and_wait_policy(self):
+        from scripts.benchmark.contention import main
+
+        machine = {"cpu": "Test CPU", "cores": 2, "threads": 2, "device": "cpu", "cpu_flags": ["avx2"],
+                   "openmp_wait_policy": "passive"}
+        with tempfile.TemporaryDirectory() as tmp:
+            for folder, calls in (("quiet", [1.0, 1.0]), ("copy1", [1.2]), ("copy2", [1.4])):
+                os.makedirs(os.path.join(tmp, folder))
+                results = self._results({"a": calls}) | ({"machine": machine} if folder == "quiet" else {})
+                with open(os.path.join(tmp, folder, "results.json"), "w") as f:
+                    json.dump(results, f)
+            with mock.patch("sys.stdout"):
+                self.assertEqual(main(["--out", tmp, "--render-only", "--", "--quick"]), 0)
+            with open(os.path.join(tmp, "contention.md")) as f:
+                text = f.read()
+        self.assertIn("- Machine (the run alone): Test CPU, 2 cores, torch threads 2 (OMP_WAIT_POLICY passive)", text)
+        self.assertIn("| a | 64^3 | forward | 1.00 [1.00-1.00] (2) | 1.30 [1.20-1.40] (2) | 1.30 |", text)
+
     def test_command_line_errors(self):
         from scripts.benchmark.contention import main
 
@@ -592,6 +610,47 @@ class TestContention(unittest.TestCase):
             with tempfile.TemporaryDirectory() as tmp:
                 self.assertEqual(main(["--out", tmp, "--render-only"]), 2)  # nothing to summarise
         self.assertIn("ERROR:", "".join(c.args[0] for c in err.write.call_args_list))
+
+
+class TestOpenMPWaitOptions(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ("inherits_unset", "mambaclinix_demo", {}, None),
+            ("inherits_set", "dynunet", {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+            ("passive", "mambaclinix_demo+omppassive", {}, "PASSIVE"),
+            ("passive_over_active", "swinunetr+omppassive", {"OMP_WAIT_POLICY": "ACTIVE"}, "PASSIVE"),
+            ("spin_removes", "mambaclinix_demo+ompspin", {"OMP_WAIT_POLICY": "PASSIVE"}, None),
+            ("peaks_worker", None, {"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE"),
+        ]
+    )
+    def test_worker_env(self, _, name, environ, expected):
+        from scripts.benchmark.worker import worker_env
+
+        base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | environ
+        with mock.patch.dict(os.environ, base, clear=True):
+            env = worker_env(name)
+        self.assertEqual(env.get("OMP_WAIT_POLICY"), expected)
+        self.assertIn(scripts.benchmark.probes.BUNDLE_ROOT, env["PYTHONPATH"])
+
+    @parameterized.expand([("both", "mambaclinix_demo+omppassive+ompspin"), ("unknown", "mambaclinix_demo+ompsleep")])
+    def test_ill_names(self, _, name):
+        from scripts.benchmark.worker import worker_env
+
+        with self.assertRaises(ValueError):
+            worker_env(name)
+
+    def test_timing_process_runs_with_it(self):
+        """The worker process itself reports the policy its OpenMP runtime started with."""
+        from scripts.benchmark.worker import ModelWorker
+
+        with mock.patch.dict(os.environ, {"OMP_WAIT_POLICY": "PASSIVE"}):
+            workers = {n: ModelWorker(n, "cpu", 1, 1, "system") for n in ("segresnet+ompspin", "segresnet")}
+        try:
+            self.assertEqual(workers["segresnet+ompspin"].ready()["openmp_wait_policy"], "default")
+            self.assertEqual(workers["segresnet"].ready()["openmp_wait_policy"], "passive")
+        finally:
+            for w in workers.values():
+                w.close()
 
 
 class TestNativeBackwardOption(unittest.TestCase):

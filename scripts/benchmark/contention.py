@@ -3,7 +3,8 @@
 
 ``python -m scripts.benchmark.contention --copies 2 --out DIR -- <arguments of python -m scripts.benchmark>`` runs
 the benchmark once alone (``DIR/quiet``), then ``--copies`` copies of it at the same time (``DIR/copy1`` ...), and
-writes ``DIR/contention.json`` and ``DIR/contention.md``: for every model and timed phase, the median process CPU time
+writes ``DIR/contention.json`` and ``DIR/contention.md`` (with the machine, its threads and their OpenMP wait
+policy, which the copies inherit from this process's environment): for every model and timed phase, the median process CPU time
 per call alone, the median and the range over all the copies' calls under contention, and their ratio. Wall-clock
 time under contention says little (the copies share the cores); CPU time shows the work a model does per call,
 which grows under contention when it spends time in many small multithreaded operations (waiting threads spin).
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scripts.benchmark.machine import summarize_machine
 from scripts.benchmark.rounds import spread
 from scripts.io_utils import atomic_write_json, atomic_write_text
 
@@ -82,11 +84,13 @@ def summarise(quiet: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> list[d
     return rows
 
 
-def _markdown(rows: list[dict[str, Any]], command: list[str], copies: int, loads: list[float]) -> str:
+def _markdown(rows: list[dict[str, Any]], command: list[str], copies: int, loads: list[float],
+              machine: dict[str, Any] | None = None) -> str:
     lines = [
         "# CPU time under contention",
         "",
         f"- Command: `{' '.join(command)}`",
+        *([f"- Machine (the run alone): {summarize_machine(machine)}"] if machine else []),
         f"- {copies} copies of the benchmark at once after one run alone; 1-minute load average during the copies' "
         f"calls: {min(loads):.1f}-{max(loads):.1f}" if loads else f"- {copies} copies at once after one run alone",
         "",
@@ -165,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = ["python", "-m", "scripts.benchmark.contention", *(argv if argv is not None else sys.argv[1:])]
     loads = [x for results in loaded for x in _loads(results)]
     atomic_write_json({"command": command, "copies": args.copies, "rows": rows}, out / "contention.json")
-    atomic_write_text(_markdown(rows, command, args.copies, loads), out / "contention.md")
+    atomic_write_text(_markdown(rows, command, args.copies, loads, quiet.get("machine")), out / "contention.md")
     print((out / "contention.md").read_text())
     return 0
 

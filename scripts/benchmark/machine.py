@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from scripts.runtime import openmp_wait_policy
+
 __all__ = ["CPU_FLAGS_OF_INTEREST", "describe_machine", "load_average", "summarize_machine"]
 
 CPU_FLAGS_OF_INTEREST = ("avx512_bf16", "amx", "avx512f", "avx2")
@@ -52,7 +54,8 @@ def describe_machine(device: torch.device | str = "cpu", threads: int | None = N
         A JSON-serialisable dict with ``cpu`` (model name), ``cpu_flags`` (the flags of
         :data:`CPU_FLAGS_OF_INTEREST` the CPU has), ``arch`` (``platform.machine()``), ``cores``
         (``os.cpu_count()``), ``threads``, ``device``, ``torch``, ``monai`` and ``python`` versions, ``date``
-        (local ISO time), ``load_average`` (1, 5 and 15 minutes at the call, empty where unavailable) and, on
+        (local ISO time), ``load_average`` (1, 5 and 15 minutes at the call, empty where unavailable),
+        ``openmp_wait_policy`` (:func:`scripts.runtime.openmp_wait_policy` of this process's environment) and, on
         CUDA, ``gpu`` and ``mamba_ssm_cuda_scan``.
     """
     import monai
@@ -70,6 +73,7 @@ def describe_machine(device: torch.device | str = "cpu", threads: int | None = N
         "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_average": load_average(),
+        "openmp_wait_policy": openmp_wait_policy(),
     }
     if torch.device(device).type == "cuda":
         from scripts.networks.selective_scan import cuda_scan_available
@@ -80,10 +84,13 @@ def describe_machine(device: torch.device | str = "cpu", threads: int | None = N
 
 
 def summarize_machine(info: dict[str, Any]) -> str:
-    """One line for a report from a :func:`describe_machine` dict: CPU, cores, threads, device (GPU) and flags.
+    """One line for a report from a :func:`describe_machine` dict: CPU, cores, threads (and how OpenMP threads
+    wait, where recorded), device (GPU) and flags.
 
     A key missing from ``info`` reads ``?`` (or ``n/a`` for the flags).
     """
     text = f"{info.get('cpu', 'unknown CPU')}, {info.get('cores', '?')} cores, torch threads {info.get('threads', '?')}"
+    if "openmp_wait_policy" in info:
+        text += f" (OMP_WAIT_POLICY {info['openmp_wait_policy']})"
     text += f", device {info.get('device', 'cpu')}" + (f" ({info['gpu']})" if "gpu" in info else "")
     return text + f"; CPU flags: {' '.join(info.get('cpu_flags', [])) or 'n/a'}"

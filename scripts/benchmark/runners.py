@@ -240,7 +240,8 @@ def run_benchmark(
                 worker.close()
                 del workers[name]
                 continue
-            _model_entry(result, name).update(params=info["params"], reuse_in_effect=info["reuse"])
+            _model_entry(result, name).update(params=info["params"], reuse_in_effect=info["reuse"],
+                                              openmp_wait_policy=info["openmp_wait_policy"])
         result["settings"]["reuse_in_effect"] = bool(workers) and all(
             result["models"][n]["reuse_in_effect"] for n in workers
         )

@@ -27,8 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from scripts.benchmark.allocator import SETTINGS as ALLOCATORS
+from scripts.runtime import SHARED_CPU_ENVIRONMENT, openmp_wait_policy
 
-__all__ = ["ALLOCATORS", "ModelWorker", "WorkerError", "apply_allocator", "error_line", "main"]
+__all__ = ["ALLOCATORS", "ModelWorker", "WorkerError", "apply_allocator", "error_line", "main", "worker_env"]
 
 
 def error_line(e: BaseException, limit: int = 400) -> str:
@@ -57,6 +58,28 @@ def apply_allocator(allocator: str) -> bool:
     return reuse_freed_cpu_memory() if allocator == "reuse" else False
 
 
+def worker_env(name: str | None) -> dict[str, str]:
+    """The environment of the timing process of the model ``name``: :func:`scripts.benchmark.probes.bundle_env`,
+    with ``OMP_WAIT_POLICY`` set to ``PASSIVE`` for ``+omppassive`` and removed for ``+ompspin``
+    (:mod:`scripts.benchmark.models`).
+
+    Raises:
+        ValueError: an invalid model name, or both options.
+    """
+    from scripts.benchmark.models import parse_model_name
+    from scripts.benchmark.probes import bundle_env
+
+    env = bundle_env()
+    opts = parse_model_name(name)[1] if name else set()
+    if {"omppassive", "ompspin"} <= opts:
+        raise ValueError(f"{name!r}: +omppassive and +ompspin exclude each other.")
+    if "omppassive" in opts:
+        env.update(SHARED_CPU_ENVIRONMENT)
+    elif "ompspin" in opts:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
 class ModelWorker:
     """The parent's handle on a worker process holding one model (or none, to measure the machine's peaks).
 
@@ -74,15 +97,16 @@ class ModelWorker:
     """
 
     def __init__(self, name: str | None, device: str, train_batch: int, threads: int, allocator: str) -> None:
-        from scripts.benchmark.probes import BUNDLE_ROOT, bundle_env
+        from scripts.benchmark.probes import BUNDLE_ROOT
 
         if allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}.")
+        env = worker_env(name)
         self.name = name
         args = ["--device", device, "--train-batch", str(train_batch), "--threads", str(threads), "--allocator", allocator]
         self._proc: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", "scripts.benchmark.worker", *(["--model", name] if name else []), *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=BUNDLE_ROOT, env=bundle_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=BUNDLE_ROOT, env=env,
         )
         self._info: dict[str, Any] | None = None
 
@@ -90,8 +114,8 @@ class ModelWorker:
         """Wait for the process to build its model.
 
         Returns:
-            ``params`` (trainable parameters, 0 without a model), ``reuse`` (whether freed memory is kept) and
-            ``pid``.
+            ``params`` (trainable parameters, 0 without a model), ``reuse`` (whether freed memory is kept),
+            ``pid`` and ``openmp_wait_policy`` (:func:`scripts.runtime.openmp_wait_policy` of its environment).
 
         Raises:
             WorkerError: the model could not be built, or the process died.
@@ -192,7 +216,8 @@ def _serve(args: argparse.Namespace, channel: IO[str]) -> None:
     except Exception as e:  # noqa: BLE001 - any build failure (e.g. a missing dependency) is reported to the parent
         reply({"error": error_line(e)})
         return
-    reply({"params": workload.params if workload else 0, "reuse": reuse, "pid": os.getpid()})
+    reply({"params": workload.params if workload else 0, "reuse": reuse, "pid": os.getpid(),
+           "openmp_wait_policy": openmp_wait_policy()})
     calls: dict[tuple, Callable[[], Any]] = {}
 
     def make(mode: str, size: int, roi: int = 0) -> Callable[[], Any]:

@@ -51,6 +51,7 @@ from scripts.hunet.retention import RESULT_ID, ResultRetention
 from scripts.hunet.uploads import UPLOAD_LIMITS, LoadedUpload, UploadError, load_upload
 from scripts.image_guard import ImageLimits, InputError
 from scripts.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, safe_stem, save_nifti_atomic
+from scripts.runtime import check_openmp_wait_policy
 
 __all__ = ["HUNetSegmenter", "BodySizeLimit", "ServiceBusy", "create_app", "public_detail", "main"]
 
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_openmp_wait_policy()
     import uvicorn
 
     seg = HUNetSegmenter(

@@ -7,7 +7,8 @@
 # Environment: HOST (127.0.0.1), PORT (8000), NAME (mambaclinix), APP_DIR (.monailabel/app),
 # STUDIES ($HOME/mambaclinix-studies: the datastore, kept outside the bundle and the app (the server refuses a
 # nested one); an empty one gets the MNI demo images when data/mni exists), CORS_ORIGINS (none),
-# ALLOWED_HOSTS (extra Host names), LABEL_VENV (.venv-label). See docs/monailabel.md for the 3D Slicer steps
+# ALLOWED_HOSTS (extra Host names), LABEL_VENV (.venv-label), OMP_WAIT_POLICY (PASSIVE; default: the OpenMP
+# runtime's own). See docs/monailabel.md for the 3D Slicer steps
 # and the guard that refuses ids leaving the datastore.
 set -euo pipefail
 
@@ -19,6 +20,8 @@ NAME="${NAME:-mambaclinix}"
 APP_DIR="${APP_DIR:-$ROOT/.monailabel/app}"
 STUDIES="${STUDIES:-$HOME/mambaclinix-studies}"
 export LABEL_VENV="${LABEL_VENV:-$ROOT/.venv-label}"
+# waiting OpenMP threads sleep instead of spinning, as under the Makefile; OMP_WAIT_POLICY=default: the runtime's own
+if [[ "${OMP_WAIT_POLICY:-}" == default ]]; then unset OMP_WAIT_POLICY; else export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"; fi
 PY="$LABEL_VENV/bin/python"
 
 bash "$ROOT/scripts/label/setup_env.sh"
