@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import nibabel as nib
 import numpy as np
 
 from scripts.checks.hostile_label import EVIL_ORIGIN, check_label_server
+from tests.utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL_VENV = Path(os.environ.get("MAMBACLINIX_LABEL_VENV", ROOT / ".venv-label"))
@@ -76,12 +76,6 @@ def _skip_reason() -> str | None:
     if not (MNI / "images" / "mni_left.nii.gz").is_file() or not (MNI / "labels" / "mni_left.nii.gz").is_file():
         return f"MNI demo case missing under {MNI}: fetch it with `python -m scripts.demo.data --output data`"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _md5(path: Path) -> str:
@@ -135,7 +129,7 @@ class Server:
 
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work / "server.log"
         self.proc: subprocess.Popen | None = None
