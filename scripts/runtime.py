@@ -28,7 +28,9 @@ import os
 import platform
 from collections.abc import Mapping
 
-__all__ = ["SHARED_CPU_ENVIRONMENT", "check_openmp_wait_policy", "openmp_wait_policy", "reuse_freed_cpu_memory"]
+__all__ = [
+    "SHARED_CPU_ENVIRONMENT", "check_openmp_wait_policy", "load_average", "openmp_wait_policy", "reuse_freed_cpu_memory"
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,14 @@ def reuse_freed_cpu_memory(enable: bool = True) -> bool:
     return True
 
 
+def load_average() -> list[float]:
+    """The system load average over 1, 5 and 15 minutes (``os.getloadavg``); empty where unavailable."""
+    try:
+        return [float(v) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
 SHARED_CPU_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 """Environment under which the bundle's ``make`` targets start Python: OpenMP threads that wait sleep instead of
 spinning (see the module's docstring)."""
@@ -114,7 +124,7 @@ def check_openmp_wait_policy(environ: Mapping[str, str] | None = None, load: flo
 
     Args:
         environ: the environment the process started with (default: ``os.environ``).
-        load: the 1-minute load average (default: ``os.getloadavg()``; no check where it is unavailable).
+        load: the 1-minute load average (default: :func:`load_average`; no check where it is unavailable).
         cores: the CPUs this process may run on (default: its affinity mask, or ``os.cpu_count()``).
 
     Returns:
@@ -128,10 +138,10 @@ def check_openmp_wait_policy(environ: Mapping[str, str] | None = None, load: flo
     if cores < 1:
         raise ValueError(f"cores must be positive, got {cores}.")
     if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:
+        loads = load_average()
+        if not loads:
             return False
+        load = loads[0]
     global _warned_spinning
     policy = openmp_wait_policy(environ)
     if policy == "passive" or load <= cores or _warned_spinning:

@@ -121,7 +121,8 @@ class TestOpenMPWaitPolicy(unittest.TestCase):
                     self.assertFalse(runtime.check_openmp_wait_policy(environ, load, cores))
 
     def test_warns_once_per_process(self):
-        with mock.patch.object(runtime, "_warned_spinning", False), self.assertLogs("scripts.runtime", "WARNING") as logs:
+        with mock.patch.object(runtime, "_warned_spinning", False), \
+                self.assertLogs("scripts.runtime", "WARNING") as logs:
             self.assertTrue(runtime.check_openmp_wait_policy({}, 8.0, 2))
             self.assertFalse(runtime.check_openmp_wait_policy({}, 8.0, 2))
         self.assertEqual(len(logs.output), 1)
@@ -141,7 +142,8 @@ class TestOpenMPWaitPolicy(unittest.TestCase):
             info = describe_machine("cpu", 2)
         self.assertEqual(info["openmp_wait_policy"], "passive")
         self.assertIn("(OMP_WAIT_POLICY passive)", summarize_machine(info))
-        self.assertNotIn("OMP_WAIT_POLICY", summarize_machine({k: v for k, v in info.items() if k != "openmp_wait_policy"}))
+        unrecorded = {k: v for k, v in info.items() if k != "openmp_wait_policy"}
+        self.assertNotIn("OMP_WAIT_POLICY", summarize_machine(unrecorded))
 
 
 def _libgomp_settings_under_make(environ: dict[str, str], *make_args: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -132,13 +131,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     from scripts.benchmark.machine import describe_machine
     from scripts.benchmark.models import parse_model_name
     from scripts.io_utils import atomic_write_json
+    from scripts.runtime import load_average
 
     for name in args.models:
         parse_model_name(name)  # raises ValueError on an unknown model or option
     result: dict[str, Any] = {
         "machine": describe_machine("cpu", args.threads),
         "settings": {k: getattr(args, k) for k in ("models", "size", "train_batch", "repeats", "rounds", "threads")},
-        "load_average_start": list(os.getloadavg()),
+        "load_average_start": load_average(),
         "models": {name: {"runs": {s: [] for s in SETTINGS}} for name in args.models},
     }
     for r in range(args.rounds):
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                 result["models"][name]["runs"][setting].append(case)
     for entry in result["models"].values():
         entry["summary"] = summarize(entry["runs"])
-    result["load_average_end"] = list(os.getloadavg())
+    result["load_average_end"] = load_average()
     result["table"] = _markdown(result)
     logger.info("\n%s", result["table"])
     if args.json:

@@ -4,8 +4,8 @@
 ``python -m scripts.benchmark.contention --copies 2 --out DIR -- <arguments of python -m scripts.benchmark>`` runs
 the benchmark once alone (``DIR/quiet``), then ``--copies`` copies of it at the same time (``DIR/copy1`` ...), and
 writes ``DIR/contention.json`` and ``DIR/contention.md`` (with the machine, its threads and their OpenMP wait
-policy, which the copies inherit from this process's environment): for every model and timed phase, the median process CPU time
-per call alone, the median and the range over all the copies' calls under contention, and their ratio. Wall-clock
+policy, which the copies inherit from this process's environment): for every model and timed phase, the median
+process CPU time per call alone, the median and the range over all the copies' calls under contention, and their ratio. Wall-clock
 time under contention says little (the copies share the cores); CPU time shows the work a model does per call,
 which grows under contention when it spends time in many small multithreaded operations (waiting threads spin).
 The copies run without the memory, sliding-window and scaling phases.

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from scripts.runtime import openmp_wait_policy
+from scripts.runtime import load_average, openmp_wait_policy
 
-__all__ = ["CPU_FLAGS_OF_INTEREST", "describe_machine", "load_average", "summarize_machine"]
+__all__ = ["CPU_FLAGS_OF_INTEREST", "describe_machine", "summarize_machine"]
 
 CPU_FLAGS_OF_INTEREST = ("avx512_bf16", "amx", "avx512f", "avx2")
 """Prefixes of the ``/proc/cpuinfo`` flags recorded: the vector and matrix units PyTorch's CPU kernels use."""
@@ -32,14 +32,6 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
     except OSError:
         pass
     return cpu, sorted(flags)
-
-
-def load_average() -> list[float]:
-    """The system load average over 1, 5 and 15 minutes (``os.getloadavg``); empty where unavailable."""
-    try:
-        return [float(v) for v in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def describe_machine(device: torch.device | str = "cpu", threads: int | None = None) -> dict[str, Any]:

@@ -11,8 +11,8 @@ network's default ``"light"``), ``+ckpt`` (``gradient_checkpointing=True``, by s
 (``gradient_checkpointing="block"``), ``+ckptfirst`` (``gradient_checkpointing="first_level"``) and ``+naive`` /
 ``+chunked`` / ``+cuda`` (scan backend), e.g. ``mambaclinix+cf+bf16``. For every model, ``+omppassive`` /
 ``+ompspin`` start its timing process with ``OMP_WAIT_POLICY=PASSIVE`` / without ``OMP_WAIT_POLICY`` (libgomp's
-default: spin, then sleep), whatever the benchmark's own environment (:func:`scripts.benchmark.worker.worker_env`). ``authors`` is the authors' own network, built only where their code is installed
-(:mod:`scripts.benchmark.peers`). :func:`build_model` applies the options that change the network; the memory-format,
+default: spin, then sleep), whatever the benchmark's own environment (:func:`scripts.benchmark.worker.worker_env`).
+``authors`` is the authors' own network, built only where their code is installed (:mod:`scripts.benchmark.peers`). :func:`build_model` applies the options that change the network; the memory-format,
 autocast and compile options are applied by :class:`scripts.benchmark.workload.Workload`.
 """
 
@@ -64,8 +64,8 @@ MODELS = {
 """Base model names and what they build (in 1 channel, out 2 classes)."""
 
 OPTIONS = (
-    "cl", "cf", "ckptnone", "ckpt", "ckptblock", "ckptfirst", "bf16", "nativebwd", "compile", "freeze", "naive", "chunked",
-    "cuda", "omppassive", "ompspin",
+    "cl", "cf", "ckptnone", "ckpt", "ckptblock", "ckptfirst", "bf16", "nativebwd", "compile", "freeze",
+    "naive", "chunked", "cuda", "omppassive", "ompspin",
 )
 """The ``+`` options a model name may carry (see the module docstring)."""
 DEFAULT_MODELS = ("mambaclinix", "mambaclinix_demo", "umamba_bot", "dynunet", "swinunetr", "segresnet")

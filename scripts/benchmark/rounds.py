@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from scripts.benchmark.machine import load_average
+from scripts.runtime import load_average
 from scripts.benchmark.worker import error_line
 
 __all__ = ["load_1min", "rotated", "round_ratios", "run_rounds", "spread"]

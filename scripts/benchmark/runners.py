@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from scripts.benchmark.machine import describe_machine, load_average
+from scripts.benchmark.machine import describe_machine
+from scripts.runtime import load_average
 from scripts.benchmark.models import (
     DEFAULT_MODELS,
     MODELS,

@@ -21,7 +21,11 @@ APP_DIR="${APP_DIR:-$ROOT/.monailabel/app}"
 STUDIES="${STUDIES:-$HOME/mambaclinix-studies}"
 export LABEL_VENV="${LABEL_VENV:-$ROOT/.venv-label}"
 # waiting OpenMP threads sleep instead of spinning, as under the Makefile; OMP_WAIT_POLICY=default: the runtime's own
-if [[ "${OMP_WAIT_POLICY:-}" == default ]]; then unset OMP_WAIT_POLICY; else export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"; fi
+if [[ "${OMP_WAIT_POLICY:-}" == default ]]; then
+  unset OMP_WAIT_POLICY
+else
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+fi
 PY="$LABEL_VENV/bin/python"
 
 bash "$ROOT/scripts/label/setup_env.sh"
