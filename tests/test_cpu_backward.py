@@ -141,6 +141,96 @@ class TestConvolution(unittest.TestCase):
         self.assertTrue(cpu_backward.applies(x))  # switched back on after the block
 
 
+DEPTHWISE_3D_CASES = [
+    # kernel, padding, depth: the weight gradient by 2D planes for every depth offset of the kernel
+    ((3, 3, 3), (1, 1, 1), 5),
+    ((1, 3, 3), (0, 1, 1), 4),  # one depth offset
+    ((3, 1, 1), (1, 0, 0), 6),
+    ((3, 3, 1), (2, 1, 0), 4),  # depth padding k - 1: the outer offsets meet one plane at either end
+    ((5, 3, 3), (1, 1, 1), 3),  # offsets whose planes fall outside the input on one side
+    ((3, 3, 3), (1, 1, 1), 1),  # a depth of one plane: only the middle offset meets it
+    ((3, 3, 3), (0, 0, 0), 3),  # no padding: one output plane
+]
+
+
+class TestDepthwise3dWeightGradient(unittest.TestCase):
+    @parameterized.expand([(*case, batch, layout) for case in DEPTHWISE_3D_CASES for batch in (1, 2)
+                           for layout in ("first", "last", "channel slice")])
+    def test_matches_float64_reference(self, kernel, padding, depth, batch, layout):
+        gen = torch.Generator().manual_seed(0)
+        channels = 5
+        x = torch.randn(batch, 2 * channels, depth, 6, 7, generator=gen)
+        if layout != "first":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = x[:, channels:] if layout == "channel slice" else x[:, :channels].contiguous(
+            memory_format=torch.contiguous_format if layout == "first" else torch.channels_last_3d)
+        weight = torch.randn(channels, 1, *kernel, generator=gen)
+        args = ((1, 1, 1), padding, (1, 1, 1), channels)
+        w = weight.clone().requires_grad_(True)
+        y = cpu_backward.convolution(x, w, None, *args)
+        upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        (g,) = torch.autograd.grad(y, [w], upstream.float())
+        w_ref = weight.double().requires_grad_(True)
+        y_ref = torch.convolution(x.double(), w_ref, None, *args[:3], False, (0, 0, 0), channels)
+        (g_ref,) = torch.autograd.grad(y_ref, [w_ref], upstream)
+        torch.testing.assert_close(g.double(), g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-5)
+
+    def test_no_3d_weight_gradient_call(self):
+        """oneDNN's 3D depthwise weight gradient (its generic grouped kernel) is not called; 2D ones are."""
+        x = torch.randn(2, 8, 6, 6, 6).contiguous(memory_format=torch.channels_last_3d)
+        w = torch.randn(8, 1, 3, 3, 3, requires_grad=True)
+        y = cpu_backward.convolution(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), 8)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            y.backward(torch.ones_like(y))
+        ranks = [len(e.input_shapes[1]) for e in prof.events() if e.name == "aten::convolution_backward"]
+        self.assertTrue(ranks)
+        self.assertNotIn(5, ranks)
+
+
+UPSAMPLE_CASES = []
+for dims in (2, 3):
+    for scale in ((2,) * dims, (1,) + (2,) * (dims - 1), (4,) + (1,) * (dims - 1)):
+        for batch in (1, 2):
+            UPSAMPLE_CASES.append((dims, scale, batch))
+
+
+class TestUpsampleNearest(unittest.TestCase):
+    @parameterized.expand(UPSAMPLE_CASES)
+    def test_values_gradients_layout(self, dims, scale, batch):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, *range(3, 3 + dims), generator=gen).contiguous(memory_format=_memory_format(dims))
+        x_in = x.clone().requires_grad_(True)
+        y = cpu_backward.upsample_nearest(x_in, scale)
+        self.assertIn("_UpsampleNearestBackward", _grad_fn_names(y))
+        x_ref = x.double().requires_grad_(True)
+        y_ref = F.interpolate(x_ref, scale_factor=[float(s) for s in scale], mode="nearest")
+        torch.testing.assert_close(y.double(), y_ref, atol=0, rtol=0)  # the forward copies voxels
+        # the upstream gradient as a channel concatenation's backward hands it on: a channel slice, channels-last
+        upstream = torch.randn(batch, 7, *y.shape[2:], generator=gen).contiguous(memory_format=_memory_format(dims))
+        upstream = upstream[:, 2:5]
+        (g,) = torch.autograd.grad(y, [x_in], upstream)
+        (g_ref,) = torch.autograd.grad(y_ref, [x_ref], upstream.double())
+        torch.testing.assert_close(g.double(), g_ref, atol=1e-6, rtol=1e-6)
+        self.assertTrue(g.is_contiguous(memory_format=_memory_format(dims)), "the gradient stays channels-last")
+
+    @parameterized.expand([
+        ("channels-first", lambda x: x.contiguous(), (2, 2, 2)),
+        ("factor 3", lambda x: x, (3, 1, 1)),
+        ("float64", lambda x: x.double(), (2, 2, 2)),
+        ("no gradient", lambda x: x.detach(), (2, 2, 2)),
+    ])
+    def test_falls_back(self, _, prepare, scale):
+        x = prepare(torch.randn(2, 3, 4, 3, 5).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True))
+        y = cpu_backward.upsample_nearest(x, scale)
+        self.assertNotIn("_UpsampleNearestBackward", _grad_fn_names(y) if y.grad_fn else set())
+        torch.testing.assert_close(y, F.interpolate(x, scale_factor=[float(s) for s in scale], mode="nearest"))
+
+    @parameterized.expand([("fraction", (1.5, 2, 2)), ("zero", (0, 2, 2)), ("too few", (2, 2)), ("too many", (2,) * 4)])
+    def test_ill_argument(self, _, scale):
+        with self.assertRaisesRegex(ValueError, "integer factor"):
+            cpu_backward.upsample_nearest(torch.randn(1, 2, 4, 4, 4), scale)
+
+
 NORM_CASES = []
 for dims in (2, 3):
     for channels in (3, 16):
@@ -325,6 +415,7 @@ class TestTrainingStep(unittest.TestCase):
         self.assertIn("_ConvolutionBackward", names)
         self.assertIn("_InstanceNormBackward", names)
         self.assertIn("_NormActConvolutionBackward", names)
+        self.assertIn("_UpsampleNearestBackward", names)
         with cpu_backward.native_backward():
             outputs_ref, loss_ref, native = grads()
         self.assertNotIn("_ConvolutionBackward", _grad_fn_names(loss_ref))

@@ -303,6 +303,11 @@ class TestBlocks(unittest.TestCase):
         for g, g_ref in zip(grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
 
+    @parameterized.expand([("fraction", 1.5), ("zero", 0), ("one axis fractional", (1, 2, 2.5))])
+    def test_upsample_block_bad_scale(self, _, scale):
+        with self.assertRaisesRegex(ValueError, "scale_factor"):
+            UpsampleBlock(3, 8, 4, scale)
+
     @parameterized.expand([(2, 1), (2, 3), (3, 2), (3, 4)])
     def test_hgconv_recursion(self, dims, order):
         """hgConv equals an explicit re-computation of Eqs. 4-6 (additive gating) from its own weights."""

@@ -52,6 +52,17 @@ class TestStrideAvgPool(unittest.TestCase):
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(stride_avg_pool(x, stride), F.avg_pool3d(x, stride, stride, ceil_mode=True))
 
+    @parameterized.expand([((2, 2, 2),), ((1, 2, 2),), ((2, 1, 1),)])
+    def test_channel_slice_of_channels_last(self, stride):
+        """A channel slice of a channels-last map (what a concatenation's backward hands on) pools in its layout."""
+        whole = torch.randn(2, 7, 6, 4, 8).contiguous(memory_format=torch.channels_last_3d)
+        x = whole[:, 2:5]
+        self.assertTrue(_channels_last_3d(x))
+        self.assertFalse(_channels_last_3d(whole.transpose(3, 4)))
+        y = stride_avg_pool(x, stride)
+        torch.testing.assert_close(y, F.avg_pool3d(x.contiguous(), stride, stride, ceil_mode=True), atol=1e-6, rtol=1e-6)
+        self.assertTrue(y.is_contiguous(memory_format=torch.channels_last_3d))
+
     def test_2d(self):
         x = torch.randn(2, 3, 8, 6).contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(StrideAvgPool(2, 2)(x), F.avg_pool2d(x, 2, 2, ceil_mode=True))

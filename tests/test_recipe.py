@@ -265,7 +265,7 @@ class TestRandRotateScaled(unittest.TestCase):
     def test_probabilities_independent(self):
         t = RandRotateScaled(["image"], rotate_range=[0.5] * 3, prob_rotate=0.2, prob_scale=0.2)
         t.set_random_state(0)
-        rot, scale, both = [], [], []
+        rot, scale = [], []
         for _ in range(20000):
             t.randomize()
             rot.append(t.angles is not None)

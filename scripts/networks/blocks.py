@@ -455,18 +455,24 @@ class UpsampleBlock(nn.Module):
         spatial_dims: number of spatial dimensions.
         in_channels: input channels.
         out_channels: output channels.
-        scale_factor: up-sampling factor per axis.
+        scale_factor: up-sampling factor per axis (integers >= 1, the stage strides).
+
+    Raises:
+        ValueError: a factor is not an integer >= 1.
     """
 
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, scale_factor: int | Sequence[int]
     ) -> None:
         super().__init__()
+        given = (scale_factor,) if isinstance(scale_factor, (int, float)) else tuple(scale_factor)
+        if any(float(s) < 1 or not float(s).is_integer() for s in given):
+            raise ValueError(f"scale_factor must be integers >= 1, got {scale_factor}.")
         self.scale_factor = tuple(float(s) for s in _as_tuple(scale_factor, spatial_dims, "scale_factor"))
         self.conv = conv_layer(spatial_dims)(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
         if any(s != 1.0 for s in self.scale_factor):
-            x = F.interpolate(x, scale_factor=self.scale_factor, mode="nearest")
+            x = cpu_backward.upsample_nearest(x, [int(s) for s in self.scale_factor])
         return x

@@ -9,13 +9,20 @@ Three parts of PyTorch's CPU backward cost more than their arithmetic (profiles 
 - The input gradient of a stride-1 depthwise convolution is the depthwise convolution of the output gradient with
   the spatially flipped kernel, a forward-sized operation; oneDNN's backward-data primitive for it is an order of
   magnitude slower than that.
+- oneDNN has no depthwise kernel for the weight gradient of a 3D depthwise convolution: it runs its generic grouped
+  kernel, which pads every one-channel group to a 16 x 16 block. Its 2D depthwise weight gradient has one. A
+  stride-1 3D depthwise weight gradient is the sum, over the kernel's depth offsets, of 2D ones whose batch is the
+  depth planes that meet at that offset (:func:`_depthwise_weight_grad_by_planes`).
 - PyTorch's group-norm backward kernel on channels-last tensors is several times slower than on channels-first ones.
+- PyTorch's nearest up-sampling backward has no channels-last kernel: it copies the output gradient (the largest
+  map of a decoder stage) to channels-first, a transposing copy that costs several times the sum it computes, and
+  hands on a channels-first gradient.
 
 A fourth part is memory rather than time: a convolution after an instance norm and a (leaky) ReLU keeps the
 activation for its weight gradient, the norm keeps its input, so the step holds two feature maps for one; the
 activation is two memory-bound passes from the norm's input.
 
-:func:`convolution` and :func:`instance_norm` compute the same values and gradients (within float32 rounding; the
+:func:`convolution`, :func:`instance_norm` and :func:`upsample_nearest` compute the same values and gradients (within float32 rounding; the
 tests compare them with float64 references) through :class:`torch.autograd.Function` s whose backward avoids those
 paths; :func:`norm_act_convolution` keeps only the norm's input and recomputes the norm and the activation in
 backward. They apply to float32 CPU tensors in eager mode when gradients are recorded; everything else (CUDA, autocast,
@@ -26,6 +33,7 @@ float64, ``torch.compile``, tracing, dispatch modes such as ``FlopCounterMode``,
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -34,6 +42,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .dispatch import convolve, plain_eager
+from .pooling import stride_avg_pool
 
 __all__ = [
     "applies",
@@ -43,6 +52,7 @@ __all__ = [
     "is_channels_last",
     "native_backward",
     "norm_act_convolution",
+    "upsample_nearest",
 ]
 
 _state = threading.local()
@@ -95,6 +105,28 @@ class _Convolution(torch.autograd.Function):
         return (*_convolution_grads(grad, x, weight, ctx.conf, ctx.needs_input_grad[:3]), None, None, None, None)
 
 
+def _depthwise_weight_grad_by_planes(grad, x, weight, padding):
+    """The weight gradient of a stride-1, dilation-1 3D depthwise convolution of ``x`` (``(B, C, D, H, W)``, padding
+    at most ``k - 1`` per axis) for the output gradient ``grad``, as a sum of 2D depthwise weight gradients: for
+    kernel depth offset ``a``, output plane ``z`` meets input plane ``z + a - padding[0]``; the planes that meet form
+    the batch of one 2D call (channels-last 3D memory gives channels-last 2D planes without a copy)."""
+    channels, depth_k = weight.shape[0], weight.shape[2]
+    pad_d = padding[0]
+    x, grad = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, grad))
+    plane_weight = weight[:, :, 0]  # only its shape matters to the weight gradient
+    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    for a in range(depth_k):
+        first, stop = max(0, pad_d - a), min(grad.shape[2], x.shape[2] + pad_d - a)
+        for n in range(x.shape[0] if stop > first else 0):
+            planes = x[n, :, first + a - pad_d : stop + a - pad_d].movedim(1, 0)
+            grad_planes = grad[n, :, first:stop].movedim(1, 0)
+            grad_w[:, :, a] += torch.ops.aten.convolution_backward(
+                grad_planes, planes, plane_weight, None, [1, 1], list(padding[1:]), [1, 1], False, [0, 0], channels,
+                [False, True, False],
+            )[1]
+    return grad_w
+
+
 def _convolution_grads(grad, x, weight, conf, needs):
     """The input, weight and bias gradients (``None`` where ``needs`` says no) of ``convolve(x, weight, bias,
     *conf[:4])`` for the output gradient ``grad``; ``conf`` is ``(stride, padding, dilation, groups, has_bias)``."""
@@ -102,17 +134,21 @@ def _convolution_grads(grad, x, weight, conf, needs):
     need_x, need_w, need_b = needs
     grad_x = grad_w = grad_b = None
     spatial = tuple(range(2, x.ndim))
-    if need_x and _depthwise_same_stride(x, weight, stride, padding, dilation, groups):
+    depthwise = _depthwise_same_stride(x, weight, stride, padding, dilation, groups)
+    if need_x and depthwise:
         full = [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
         grad_x = convolve(grad, weight.flip(spatial), None, [1] * len(spatial), full, [1] * len(spatial), groups)
         need_x = False
+    if need_w and depthwise and x.ndim == 5:
+        grad_w = _depthwise_weight_grad_by_planes(grad, x, weight, padding)
+        need_w = False
     if need_x or need_w:
         zeros = [0] * len(spatial)
         gx, gw, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, stride, padding, dilation, False, zeros, groups, [need_x, need_w, False]
         )
         grad_x = gx if need_x else grad_x
-        grad_w = gw if need_w else None
+        grad_w = gw if need_w else grad_w
     if has_bias and need_b:
         grad_b = grad.sum((0, *spatial))
     return grad_x, grad_w, grad_b
@@ -282,3 +318,37 @@ def group_norm_forward(x: torch.Tensor, num_groups: int, weight, bias, eps: floa
     if num_groups == x.shape[1] and is_channels_last(x) and applies(x, weight, bias):
         return instance_norm(x, weight, bias, eps)
     return F.group_norm(x, num_groups, weight, bias, eps)
+
+
+class _UpsampleNearest(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return F.interpolate(x, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        # every input voxel was copied to a window of `scale`: its gradient is the window's sum, here the window mean
+        # (in the gradient's layout) times the window size, exact for power-of-two windows
+        return stride_avg_pool(grad, ctx.scale) * math.prod(ctx.scale), None
+
+
+def upsample_nearest(x: torch.Tensor, scale_factor: Sequence[int]) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=scale_factor, mode="nearest")`` for integer factors, with a channels-last CPU
+    backward where the cheaper backward passes apply (:func:`applies`), ``x`` is channels-last and every factor is a
+    power of two (the index arithmetic of PyTorch's nearest mode is exact for them); elsewhere ``F.interpolate``
+    itself. The forward is ``F.interpolate``'s in every case.
+
+    Raises:
+        ValueError: ``scale_factor`` has not one integer >= 1 per spatial axis of ``x``.
+    """
+    scale = tuple(int(s) for s in scale_factor)
+    if x.ndim < 3 or len(scale) != x.ndim - 2 or any(s < 1 or s != f for s, f in zip(scale, scale_factor)):
+        raise ValueError(
+            f"upsample_nearest needs one integer factor >= 1 per spatial axis of a (B, C, *spatial) tensor, got "
+            f"{tuple(scale_factor)} for shape {tuple(x.shape)}."
+        )
+    if all(s & (s - 1) == 0 for s in scale) and is_channels_last(x) and applies(x):
+        return _UpsampleNearest.apply(x, scale)
+    return F.interpolate(x, scale_factor=tuple(float(s) for s in scale), mode="nearest")

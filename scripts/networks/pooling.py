@@ -22,12 +22,26 @@ __all__ = ["StrideAvgPool", "stride_avg_pool"]
 
 
 def _channels_last_3d(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a 5D tensor whose ``(N, D, H, W, C)`` permutation is contiguous (channels-last memory)."""
-    return x.ndim == 5 and x.permute(0, 2, 3, 4, 1).is_contiguous()
+    """Whether ``x`` is a 5D tensor in channels-last memory order: its ``(N, D, H, W, C)`` permutation is contiguous,
+    or the channels are adjacent and each of the W, H, D and N strides spans the axes before it, as in a channel
+    slice of a channels-last tensor (what the backward of a channel concatenation hands on)."""
+    if x.ndim != 5:
+        return False
+    if x.permute(0, 2, 3, 4, 1).is_contiguous():
+        return True
+    if x.stride(1) != 1:
+        return False
+    span = x.shape[1]
+    for axis in (4, 3, 2, 0):
+        if x.stride(axis) < span:
+            return False
+        span = x.stride(axis) * x.shape[axis]
+    return True
 
 
 def _pool_channels_last_3d(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:
-    """Average over non-overlapping ``stride`` windows of a channels-last 5D tensor whose size divides by it."""
+    """Average over non-overlapping ``stride`` windows of a channels-last 5D tensor whose size divides by it; the
+    result is contiguous channels-last."""
     n, c, d, h, w = x.shape
     sd, sh, sw = stride
     y = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C), a contiguous view
