@@ -468,11 +468,11 @@ class UpsampleBlock(nn.Module):
         given = (scale_factor,) if isinstance(scale_factor, (int, float)) else tuple(scale_factor)
         if any(float(s) < 1 or not float(s).is_integer() for s in given):
             raise ValueError(f"scale_factor must be integers >= 1, got {scale_factor}.")
-        self.scale_factor = tuple(float(s) for s in _as_tuple(scale_factor, spatial_dims, "scale_factor"))
+        self.scale_factor = _as_tuple(scale_factor, spatial_dims, "scale_factor")
         self.conv = conv_layer(spatial_dims)(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
-        if any(s != 1.0 for s in self.scale_factor):
-            x = cpu_backward.upsample_nearest(x, [int(s) for s in self.scale_factor])
+        if any(s != 1 for s in self.scale_factor):
+            x = cpu_backward.upsample_nearest(x, self.scale_factor)
         return x

@@ -117,7 +117,9 @@ def _depthwise_weight_grad_by_planes(grad, x, weight, padding):
     grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
     for a in range(depth_k):
         first, stop = max(0, pad_d - a), min(grad.shape[2], x.shape[2] + pad_d - a)
-        for n in range(x.shape[0] if stop > first else 0):
+        if stop <= first:  # no input plane meets this offset
+            continue
+        for n in range(x.shape[0]):
             planes = x[n, :, first + a - pad_d : stop + a - pad_d].movedim(1, 0)
             grad_planes = grad[n, :, first:stop].movedim(1, 0)
             grad_w[:, :, a] += torch.ops.aten.convolution_backward(
@@ -320,11 +322,15 @@ def group_norm_forward(x: torch.Tensor, num_groups: int, weight, bias, eps: floa
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
+def _interpolate_nearest(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+
+
 class _UpsampleNearest(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale):
         ctx.scale = scale
-        return F.interpolate(x, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+        return _interpolate_nearest(x, scale)
 
     @staticmethod
     @once_differentiable
@@ -351,4 +357,4 @@ def upsample_nearest(x: torch.Tensor, scale_factor: Sequence[int]) -> torch.Tens
         )
     if all(s & (s - 1) == 0 for s in scale) and is_channels_last(x) and applies(x):
         return _UpsampleNearest.apply(x, scale)
-    return F.interpolate(x, scale_factor=tuple(float(s) for s in scale), mode="nearest")
+    return _interpolate_nearest(x, scale)
