@@ -286,6 +286,32 @@ class TestInstanceNorm(unittest.TestCase):
             cpu_backward.instance_norm(torch.randn(2, 3), None, None, 1e-5)
 
 
+class TestChannelSums(unittest.TestCase):
+    @parameterized.expand([(n, chunk) for n in (1, 216, 1000) for chunk in (1, 7, 216, 4096)])
+    def test_matches_float64_reference(self, n, chunk):
+        gen = torch.Generator().manual_seed(2)
+        grad_rows, rows = torch.randn(2, n, 5, generator=gen), torch.randn(2, n, 5, generator=gen) + 3.0
+        sum_dy, sum_dy_x = cpu_backward._channel_sums(grad_rows, rows, chunk)
+        self.assertEqual((sum_dy.shape, sum_dy_x.shape), ((2, 1, 5), (2, 1, 5)))
+        g, r = grad_rows.double(), rows.double()
+        torch.testing.assert_close(sum_dy.double(), g.sum(1, keepdim=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sum_dy_x.double(), (g * r).sum(1, keepdim=True), atol=1e-4, rtol=1e-5)
+
+    def test_no_matrix_product_in_norm_backward(self):
+        """The instance norm's backward takes its sums by products of matching elements, not a C x C matrix."""
+        x = torch.randn(2, 8, 6, 6, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+        y = cpu_backward.instance_norm(x, None, None, 1e-5)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y.backward(torch.ones_like(y))
+        names = {e.name for e in prof.events()}
+        self.assertIn("aten::mul", names)
+        self.assertFalse(names & {"aten::bmm", "aten::mm", "aten::matmul"})
+
+    def test_ill_argument(self):
+        with self.assertRaisesRegex(ValueError, "chunk"):
+            cpu_backward._channel_sums(torch.randn(1, 4, 2), torch.randn(1, 4, 2), 0)
+
+
 NORM_ACT_CONV_CASES = []
 for dims in (2, 3):
     for slope, affine, out_ch, stride, groups, batch in (

@@ -1,7 +1,7 @@
 # Copyright (c) MambaClinix bundle contributors. Licensed under the Apache License, Version 2.0.
 """Cheaper CPU backward passes for convolutions and channels-last instance norms (the training step).
 
-Three parts of PyTorch's CPU backward cost more than their arithmetic (profiles in
+Several parts of PyTorch's CPU backward cost more than their arithmetic (profiles in
 ``docs/benchmarks/optimizations.md``):
 
 - oneDNN's convolution backward, asked for the bias gradient as well, runs a slower weight-gradient primitive; the
@@ -13,20 +13,22 @@ Three parts of PyTorch's CPU backward cost more than their arithmetic (profiles 
   kernel, which pads every one-channel group to a 16 x 16 block. Its 2D depthwise weight gradient has one. A
   stride-1 3D depthwise weight gradient is the sum, over the kernel's depth offsets, of 2D ones whose batch is the
   depth planes that meet at that offset (:func:`_depthwise_weight_grad_by_planes`).
-- PyTorch's group-norm backward kernel on channels-last tensors is several times slower than on channels-first ones.
+- PyTorch's group-norm backward kernel on channels-last tensors is several times slower than on channels-first
+  ones. The replacement here takes the two per-channel sums it needs in one chunked pass (:func:`_channel_sums`).
 - PyTorch's nearest up-sampling backward has no channels-last kernel: it copies the output gradient (the largest
   map of a decoder stage) to channels-first, a transposing copy that costs several times the sum it computes, and
   hands on a channels-first gradient.
 
-A fourth part is memory rather than time: a convolution after an instance norm and a (leaky) ReLU keeps the
+Another part is memory rather than time: a convolution after an instance norm and a (leaky) ReLU keeps the
 activation for its weight gradient, the norm keeps its input, so the step holds two feature maps for one; the
 activation is two memory-bound passes from the norm's input.
 
-:func:`convolution`, :func:`instance_norm` and :func:`upsample_nearest` compute the same values and gradients (within float32 rounding; the
-tests compare them with float64 references) through :class:`torch.autograd.Function` s whose backward avoids those
-paths; :func:`norm_act_convolution` keeps only the norm's input and recomputes the norm and the activation in
-backward. They apply to float32 CPU tensors in eager mode when gradients are recorded; everything else (CUDA, autocast,
-float64, ``torch.compile``, tracing, dispatch modes such as ``FlopCounterMode``, inference) takes PyTorch's own path.
+:func:`convolution`, :func:`instance_norm` and :func:`upsample_nearest` compute the same values and gradients
+(within float32 rounding; the tests compare them with float64 references) through
+:class:`torch.autograd.Function` s whose backward avoids those paths; :func:`norm_act_convolution` keeps only the
+norm's input and recomputes the norm and the activation in backward. They apply to float32 CPU tensors in eager mode
+when gradients are recorded; everything else (CUDA, autocast, float64, ``torch.compile``, tracing, dispatch modes
+such as ``FlopCounterMode``, inference) takes PyTorch's own path.
 :func:`native_backward` switches them off, e.g. to compare the two.
 """
 
@@ -197,6 +199,37 @@ class _InstanceNorm(torch.autograd.Function):
         return (*_instance_norm_grads(grad, x, weight, mean, rstd, ctx.needs_input_grad[:3]), None)
 
 
+_SUM_ROWS = 16384
+"""Rows per chunk of :func:`_channel_sums`: a chunk of both operands (a few MiB at the bundle's widths) stays in
+the cache between the product and the sums."""
+
+
+def _channel_sums(
+    grad_rows: torch.Tensor, rows: torch.Tensor, chunk: int = _SUM_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums over the rows of ``grad_rows`` and of ``grad_rows * rows`` (both ``(B, N, C)``), per sample and
+    channel, as two ``(B, 1, C)`` tensors.
+
+    Both are taken ``chunk`` rows at a time: the product exists one chunk at a time and each chunk of ``grad_rows``
+    is read once for the two sums. (The second sum is also the diagonal of a ``(C, N) x (N, C)`` matrix product,
+    which computes ``C`` times the products it needs.)
+
+    Raises:
+        ValueError: ``chunk`` < 1.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 row, got {chunk}.")
+    batch, n, channels = rows.shape
+    sum_dy = grad_rows.new_zeros(batch, 1, channels)
+    sum_dy_x = grad_rows.new_zeros(batch, 1, channels)
+    product = grad_rows.new_empty(batch, min(chunk, n), channels)
+    for start in range(0, n, chunk):
+        g, r = grad_rows[:, start : start + chunk], rows[:, start : start + chunk]
+        sum_dy += g.sum(1, keepdim=True)
+        sum_dy_x += torch.mul(g, r, out=product[:, : g.shape[1]]).sum(1, keepdim=True)
+    return sum_dy, sum_dy_x
+
+
 def _instance_norm_grads(grad, x, weight, mean, rstd, needs):
     """The input, weight and bias gradients (``None`` where ``needs`` says no) of the instance norm of ``x``
     (channels-last; ``mean`` / ``rstd`` as ``torch.native_group_norm`` returns them) for the output gradient
@@ -206,9 +239,7 @@ def _instance_norm_grads(grad, x, weight, mean, rstd, needs):
     rows, grad_rows = _channels_last_rows(x), _channels_last_rows(grad)
     n = rows.shape[1]
     mean, rstd = mean.view(batch, 1, channels), rstd.view(batch, 1, channels)
-    sum_dy = grad_rows.sum(1, keepdim=True)
-    # sum over the voxels of dy * x per (sample, channel): the diagonal of a (C, N) x (N, C) product
-    sum_dy_x = torch.bmm(grad_rows.transpose(1, 2), rows).diagonal(dim1=1, dim2=2).unsqueeze(1)
+    sum_dy, sum_dy_x = _channel_sums(grad_rows, rows)
     sum_dy_xhat = rstd * (sum_dy_x - mean * sum_dy)
     grad_x = grad_w = grad_b = None
     if need_x:
