@@ -96,8 +96,10 @@ def load_average() -> list[float]:
 
 
 SHARED_CPU_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""Environment under which the bundle's ``make`` targets start Python: OpenMP threads that wait sleep instead of
-spinning (see the module's docstring)."""
+"""The OpenMP wait policy for a shared CPU machine (waiting threads sleep instead of spinning; see the module's
+docstring): what the benchmark's ``+omppassive`` timing processes get, and the value that the ``Makefile`` and
+``scripts/label/run_server.sh`` write themselves as their default (shell code cannot import it;
+``tests/test_runtime.py`` checks the ``Makefile``'s against it)."""
 
 
 def openmp_wait_policy(environ: Mapping[str, str] | None = None) -> str:
