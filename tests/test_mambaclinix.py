@@ -303,10 +303,18 @@ class TestBlocks(unittest.TestCase):
         for g, g_ref in zip(grads, grads_ref):
             torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
 
-    @parameterized.expand([("fraction", 1.5), ("zero", 0), ("one axis fractional", (1, 2, 2.5))])
+    @parameterized.expand(
+        [("fraction", 1.5), ("zero", 0), ("one axis fractional", (1, 2, 2.5)), ("too few axes", (2, 2))]
+    )
     def test_upsample_block_bad_scale(self, _, scale):
         with self.assertRaisesRegex(ValueError, "scale_factor"):
             UpsampleBlock(3, 8, 4, scale)
+
+    @parameterized.expand(
+        [("int", 2, (2, 2, 2)), ("integral float", 2.0, (2, 2, 2)), ("per axis", (1, 2.0, 4), (1, 2, 4))]
+    )
+    def test_upsample_block_integer_scale(self, _, scale, expected):
+        self.assertEqual(UpsampleBlock(3, 8, 4, scale).scale_factor, expected)
 
     @parameterized.expand([(2, 1), (2, 3), (3, 2), (3, 4)])
     def test_hgconv_recursion(self, dims, order):

@@ -458,17 +458,14 @@ class UpsampleBlock(nn.Module):
         scale_factor: up-sampling factor per axis (integers >= 1, the stage strides).
 
     Raises:
-        ValueError: a factor is not an integer >= 1.
+        ValueError: a factor is not an integer >= 1, or there is not one per axis.
     """
 
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, scale_factor: int | Sequence[int]
     ) -> None:
         super().__init__()
-        given = (scale_factor,) if isinstance(scale_factor, (int, float)) else tuple(scale_factor)
-        if any(float(s) < 1 or not float(s).is_integer() for s in given):
-            raise ValueError(f"scale_factor must be integers >= 1, got {scale_factor}.")
-        self.scale_factor = _as_tuple(scale_factor, spatial_dims, "scale_factor")
+        self.scale_factor = cpu_backward.integer_scale(scale_factor, spatial_dims)
         self.conv = conv_layer(spatial_dims)(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ __all__ = [
     "convolution",
     "group_norm_forward",
     "instance_norm",
+    "integer_scale",
     "is_channels_last",
     "native_backward",
     "norm_act_convolution",
@@ -353,6 +354,21 @@ def group_norm_forward(x: torch.Tensor, num_groups: int, weight, bias, eps: floa
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
+def integer_scale(scale_factor: float | Sequence[float], spatial_dims: int) -> tuple[int, ...]:
+    """``scale_factor`` (one factor for every axis, or one per axis) as one integer factor per spatial axis.
+
+    Raises:
+        ValueError: a factor is not an integer >= 1 (``2.0`` is one), or there is not one per axis.
+    """
+    factors = (scale_factor,) * spatial_dims if isinstance(scale_factor, (int, float)) else tuple(scale_factor)
+    if len(factors) != spatial_dims or any(float(f) < 1 or not float(f).is_integer() for f in factors):
+        raise ValueError(
+            f"scale_factor must be one integer factor >= 1 for each of the {spatial_dims} spatial axes, got "
+            f"{scale_factor}."
+        )
+    return tuple(int(f) for f in factors)
+
+
 def _interpolate_nearest(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, scale_factor=tuple(float(s) for s in scale), mode="nearest")
 
@@ -378,14 +394,12 @@ def upsample_nearest(x: torch.Tensor, scale_factor: Sequence[int]) -> torch.Tens
     itself. The forward is ``F.interpolate``'s in every case.
 
     Raises:
-        ValueError: ``scale_factor`` has not one integer >= 1 per spatial axis of ``x``.
+        ValueError: ``x`` has no spatial axis, or ``scale_factor`` is not one integer >= 1 per spatial axis of
+            ``x`` (:func:`integer_scale`).
     """
-    scale = tuple(int(s) for s in scale_factor)
-    if x.ndim < 3 or len(scale) != x.ndim - 2 or any(s < 1 or s != f for s, f in zip(scale, scale_factor)):
-        raise ValueError(
-            f"upsample_nearest needs one integer factor >= 1 per spatial axis of a (B, C, *spatial) tensor, got "
-            f"{tuple(scale_factor)} for shape {tuple(x.shape)}."
-        )
+    if x.ndim < 3:
+        raise ValueError(f"upsample_nearest needs a (B, C, *spatial) tensor, got shape {tuple(x.shape)}.")
+    scale = integer_scale(scale_factor, x.ndim - 2)
     if all(s & (s - 1) == 0 for s in scale) and is_channels_last(x) and applies(x):
         return _UpsampleNearest.apply(x, scale)
     return _interpolate_nearest(x, scale)
